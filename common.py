@@ -1,0 +1,798 @@
+"""What the scripts share: device, data, encoders, MI estimators, critics, runs, metrics.
+
+Only infrastructure and pieces used by two or more scripts live here; each paper's own
+objective stays in its script. Nothing here imports a script.
+
+Conventions
+- Images are stored as uint8 tensors (N, C, H, W) and turned into floats in [-1, 1] per batch.
+- Score tensors hold positives on a known diagonal: `scores[n, m, k]` scores global feature
+  `n` against local feature `k` of image `m`; `n == m` are the positive pairs.
+- Every MI bound is returned as a value to *maximise*; a loss is its negative.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_VERSION = 1
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "stl10", "svhn",
+            "imagefolder"]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit status 2, no traceback."""
+
+
+def run_cli(main):
+    """Run `main()`, turning a UserError into one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line, device, seeding
+# ----------------------------------------------------------------------------------------
+def positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def nonneg_float(s):
+    v = float(s)
+    if not v >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s}")
+    return v
+
+
+def add_common_args(parser, epochs, batch_size, lr):
+    """Flags every training script has, spelled the same everywhere."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="dataset; 'digits' is scikit-learn's bundled 8x8 digits at 32x32 (offline)")
+    g.add_argument("--data-root", default="./data", help="where torchvision datasets live")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="batch size (N)")
+    g.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimisation steps in total (smoke tests)")
+    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA or CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--out-dir", default="runs", help="run folders are created under this")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue the run whose checkpoint.pt is at PATH")
+    g.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    return parser
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA and CPU when `enabled`; a no-op context otherwise."""
+    if not enabled or device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def maybe_compile(module, enabled):
+    """torch.compile when asked; callers keep the plain module to save its state dict."""
+    return torch.compile(module) if enabled else module
+
+
+def progress(iterable, disable=False, **kw):
+    from tqdm import tqdm
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """A labelled train/test pair held as uint8 tensors (on the device when it fits).
+
+    Labels of -1 mark unlabelled images (STL-10's unlabelled split): used for training,
+    skipped by probes. `crop` enables STL-10's random-crop + flip (train) / centre crop (test).
+    """
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    n_classes: int
+    crop: int = 0
+
+    @property
+    def image_shape(self):
+        c, h, w = self.train_x.shape[1:]
+        return (c, self.crop, self.crop) if self.crop else (c, h, w)
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def split(self, split):
+        return (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+
+    def preprocess(self, x, train, generator=None):
+        """uint8 batch -> float in [-1, 1], with augmentation done on the batch's device."""
+        x = x.float().div_(127.5).sub_(1.0)
+        if not self.crop:
+            return x
+        n, _, h, w = x.shape
+        c = self.crop
+        if not train:
+            top, left = (h - c) // 2, (w - c) // 2
+            return x[:, :, top:top + c, left:left + c]
+        # random crop per image via unfold-free gather: build index grids on the device
+        tops = torch.randint(0, h - c + 1, (n,), generator=generator).to(x.device)
+        lefts = torch.randint(0, w - c + 1, (n,), generator=generator).to(x.device)
+        ar = torch.arange(c, device=x.device)
+        rows = (tops[:, None] + ar)[:, None, :, None].expand(n, x.shape[1], c, w)
+        x = x.gather(2, rows)
+        cols = (lefts[:, None] + ar)[:, None, None, :].expand(n, x.shape[1], c, c)
+        x = x.gather(3, cols)
+        flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+                rank=0, world_size=1):
+        """Yield (float images, labels) on the data's device; no DataLoader, no workers."""
+        x, y = self.split(split)
+        n = len(x)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if world_size > 1:  # shard: every rank sees the same number of batches
+            per_rank = n // world_size
+            order = order[rank * per_rank:(rank + 1) * per_rank]
+        order = order.to(x.device)
+        stop = len(order) - batch_size + 1 if drop_last else len(order)
+        for i in range(0, max(stop, 0), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.preprocess(x[idx], train=(split == "train"), generator=generator), y[idx]
+
+    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
+        n = len(self.split(split)[0]) // world_size
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def load_digits_data(test_fraction=0.2, size=32):
+    """scikit-learn's bundled 8x8 digits, upsampled to `size`, fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0,1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction,
+                              stratify=d.target, random_state=0)
+    tr, te = torch.tensor(tr), torch.tensor(te)
+    return x[tr], y[tr], x[te], y[te]
+
+
+# Which files to place where when torchvision cannot download (offline machines).
+_OFFLINE_HINT = {
+    "mnist": "MNIST/raw/ (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+             "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)",
+    "fashion-mnist": "FashionMNIST/raw/ (the four *-ubyte.gz files of Fashion-MNIST)",
+    "cifar10": "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)",
+    "cifar100": "cifar-100-python.tar.gz (or its extracted cifar-100-python/)",
+    "stl10": "stl10_binary.tar.gz (or its extracted stl10_binary/)",
+    "svhn": "train_32x32.mat and test_32x32.mat",
+}
+
+
+def _tv_arrays(ds):
+    """A torchvision dataset -> (uint8 NCHW tensor, int64 labels)."""
+    x = ds.data if hasattr(ds, "data") else None
+    x = torch.as_tensor(np.asarray(x))
+    if x.ndim == 3:  # MNIST-like (N, H, W)
+        x = x[:, None]
+    elif x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # CIFAR (N, H, W, C)
+        x = x.permute(0, 3, 1, 2)
+    y = getattr(ds, "targets", None)
+    if y is None:
+        y = ds.labels
+    return x.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
+def _imagefolder(root, image_size):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+    out = []
+    for split in ("train", "test"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise UserError(f"imagefolder expects {path}/<class>/<images>; that folder is missing")
+        ds = ImageFolder(path, transform=tf)
+        xs = [ds[i][0] for i in range(len(ds))]
+        x = torch.stack([t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3] for t in xs])
+        out += [x, torch.tensor(ds.targets, dtype=torch.long)]
+    return out + [len(ds.classes)]
+
+
+def load_data(name, root="./data", device=torch.device("cpu"), image_size=32,
+              max_device_bytes=4 << 30):
+    """Train and test sets of `name` as a `Data`; moved to `device` if under `max_device_bytes`."""
+    crop = 0
+    if name == "digits":
+        tx, ty, vx, vy = load_digits_data(size=image_size)
+        n_classes = 10
+    elif name == "imagefolder":
+        tx, ty, vx, vy, n_classes = _imagefolder(root, image_size)
+    elif name in _OFFLINE_HINT:
+        import torchvision.datasets as tvd
+        try:
+            if name in ("mnist", "fashion-mnist"):
+                cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+                tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            elif name in ("cifar10", "cifar100"):
+                cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+                tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            elif name == "svhn":
+                tr = tvd.SVHN(root, split="train", download=True)
+                te = tvd.SVHN(root, split="test", download=True)
+            else:  # stl10: unsupervised training on train+unlabeled (labels -1), paper's crops
+                tr = tvd.STL10(root, split="train+unlabeled", download=True)
+                te = tvd.STL10(root, split="test", download=True)
+                crop = 64
+        except Exception as e:  # torchvision raises URLError, RuntimeError, OSError ...
+            raise UserError(f"could not load {name} from {root} ({type(e).__name__}); offline, put "
+                            f"{_OFFLINE_HINT[name]} under {root}/ and run again") from None
+        (tx, ty), (vx, vy) = _tv_arrays(tr), _tv_arrays(te)
+        if name in ("mnist", "fashion-mnist"):  # 28x28 -> 32x32 so every encoder sees 32x32
+            tx, vx = F.pad(tx, (2, 2, 2, 2)), F.pad(vx, (2, 2, 2, 2))
+        n_classes = 100 if name == "cifar100" else 10
+    else:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    data = Data(name, tx, ty, vx, vy, n_classes, crop)
+    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, vx, vy))
+    if device.type != "cpu" and nbytes <= max_device_bytes:
+        data.to(device)
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# Encoders: each returns a dict of named taps
+# ----------------------------------------------------------------------------------------
+def _conv_bn_relu(cin, cout, k, s, p):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _fc_bn_relu(din, dout):
+    return nn.Sequential(nn.Linear(din, dout, bias=False), nn.BatchNorm1d(dout),
+                         nn.ReLU(inplace=True))
+
+
+class DCGANEncoder(nn.Module):
+    """DIM's 32x32 encoder (PAPERS.md §2): conv 64-128-256 (4x4/2) -> fc 1024 -> y 64.
+
+    Taps: c1 (H/2), c2 (H/4, the local map for 32x32), conv (H/8, last conv), fc, y.
+    Every map tap includes its BatchNorm and ReLU, as in the paper.
+    """
+    maps = ("c1", "c2", "conv")
+    default_local = "c2"
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__()
+        self.c1 = _conv_bn_relu(in_channels, 64, 4, 2, 1)
+        self.c2 = _conv_bn_relu(64, 128, 4, 2, 1)
+        self.c3 = _conv_bn_relu(128, 256, 4, 2, 1)
+        s = image_size // 8
+        self.fc = _fc_bn_relu(256 * s * s, fc_dim)
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        conv = self.c3(c2)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+class AlexNetEncoder(nn.Module):
+    """AlexNet-style encoder for 64x64 inputs (STL-10 crops), after Donahue et al. (2016).
+
+    conv 96 -> pool -> 192 -> pool -> 384 -> 384 -> 192 -> pool, fc 4096 -> 4096 -> y.
+    Taps: c1 (H/2), c2 (H/4), c3 (H/4, 384 ch; local map), conv (H/8), fc, y.
+    """
+    maps = ("c1", "c2", "c3", "conv")
+    default_local = "c3"
+
+    def __init__(self, in_channels=3, image_size=64, y_dim=64, fc_dim=4096):
+        super().__init__()
+        self.c1 = nn.Sequential(_conv_bn_relu(in_channels, 96, 3, 1, 1), nn.MaxPool2d(2))
+        self.c2 = nn.Sequential(_conv_bn_relu(96, 192, 3, 1, 1), nn.MaxPool2d(2))
+        self.c3 = _conv_bn_relu(192, 384, 3, 1, 1)
+        self.c4 = nn.Sequential(_conv_bn_relu(384, 384, 3, 1, 1), _conv_bn_relu(384, 192, 3, 1, 1),
+                                nn.MaxPool2d(2))
+        s = image_size // 8
+        self.fc = nn.Sequential(_fc_bn_relu(192 * s * s, fc_dim), _fc_bn_relu(fc_dim, fc_dim))
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        c3 = self.c3(c2)
+        conv = self.c4(c3)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "c3": c3, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class ResNetEncoder(nn.Module):
+    """A small ResNet (one basic block per stage) with the same taps as DCGANEncoder."""
+    maps = ("c1", "c2", "conv")
+    default_local = "c2"
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, 64, 3, 1, 1)
+        self.c1 = _BasicBlock(64, 64, 2)
+        self.c2 = _BasicBlock(64, 128, 2)
+        self.c3 = _BasicBlock(128, 256, 2)
+        s = image_size // 8
+        self.fc = _fc_bn_relu(256 * s * s, fc_dim)
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(self.stem(x))
+        c2 = self.c2(c1)
+        conv = self.c3(c2)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder}
+
+
+def encoder_config(arch, image_shape, y_dim=64):
+    """The plain-typed constructor arguments saved in checkpoints ('auto' resolved here)."""
+    c, h, w = image_shape
+    if h != w or h % 8:
+        raise UserError(f"encoders expect square images with a side divisible by 8, got {h}x{w}")
+    if arch == "auto":
+        arch = "alexnet" if h >= 64 else "dcgan"
+    if arch not in ENCODERS:
+        raise UserError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODERS)}")
+    return {"arch": arch, "in_channels": int(c), "image_size": int(h), "y_dim": int(y_dim)}
+
+
+def build_encoder(cfg):
+    cfg = dict(cfg)
+    return ENCODERS[cfg.pop("arch")](**cfg)
+
+
+def tap_shapes(encoder, image_shape, device="cpu"):
+    """Output shape (without batch) of every tap, found by one forward pass of two images."""
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        out = encoder(torch.zeros(2, *image_shape, device=device))
+    encoder.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# MI estimators. `scores` is (N, N) or (N, N, K): scores[n, m, k] = T(global n, local k of m).
+# Positives are n == m. Each returns the bound (a scalar) to maximise.
+# ----------------------------------------------------------------------------------------
+def _as_3d(scores):
+    if scores.dim() == 2:
+        scores = scores[:, :, None]
+    if scores.dim() != 3 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"scores must be (N, N) or (N, N, K), got {tuple(scores.shape)}")
+    return scores.float()  # bounds in fp32 even under autocast
+
+
+def _positives(s):
+    return s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K)
+
+
+def _negative_mask(s):
+    n = s.shape[0]
+    return ~torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
+
+
+def jsd_bound(scores):
+    """Jensen-Shannon MI estimate: E_pos[-sp(-T)] - E_neg[sp(T)], positives excluded from
+    the negatives. Insensitive to the number of negatives."""
+    s = _as_3d(scores)
+    n, _, k = s.shape
+    pos = _positives(s)
+    e_pos = -F.softplus(-pos).mean()
+    # sum of sp(T) over everything minus over the diagonal = sum over negatives only
+    e_neg = (F.softplus(s).sum() - F.softplus(pos).sum()) / (n * (n - 1) * k)
+    return e_pos - e_neg
+
+
+def infonce_bound(scores):
+    """infoNCE: E_pos[T - log sum exp T over candidates]. For global feature n and its positive
+    local feature (n, k), the candidates are that positive plus every local feature of every
+    other image: (N-1)*K + 1 of them, so the bound never exceeds log((N-1)*K + 1)."""
+    s = _as_3d(scores)
+    pos = _positives(s)  # (N, K)
+    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    lse_neg = torch.logsumexp(neg.flatten(1), dim=1)  # (N,) over all negatives of n
+    return (pos - torch.logaddexp(pos, lse_neg[:, None])).mean()
+
+
+def dv_bound(scores):
+    """Donsker-Varadhan (MINE): E_pos[T] - log E_neg[exp T], the log-mean-exp computed
+    stably as logsumexp minus log(count)."""
+    s = _as_3d(scores)
+    n, _, k = s.shape
+    pos = _positives(s)
+    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    return pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(n * (n - 1) * k))
+
+
+BOUNDS = {"jsd": jsd_bound, "infonce": infonce_bound, "dv": dv_bound}
+
+
+# ----------------------------------------------------------------------------------------
+# Critics
+# ----------------------------------------------------------------------------------------
+class DotCritic(nn.Module):
+    """Encode-and-dot-product critic (DIM's main tables).
+
+    Global: y -> MLP (Linear E, ReLU, Linear E) + Linear E shortcut.
+    Local: the same shape from 1x1 convs, then LayerNorm over the embedding.
+    All N x N x M^2 scores come from one einsum.
+    """
+
+    def __init__(self, global_dim, local_channels, embed_dim=2048):
+        super().__init__()
+        e = embed_dim
+        self.g_mlp = nn.Sequential(nn.Linear(global_dim, e), nn.ReLU(inplace=True), nn.Linear(e, e))
+        self.g_skip = nn.Linear(global_dim, e)
+        self.l_mlp = nn.Sequential(nn.Conv2d(local_channels, e, 1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(e, e, 1))
+        self.l_skip = nn.Conv2d(local_channels, e, 1)
+        self.l_norm = nn.LayerNorm(e)
+
+    def embed_global(self, global_feat):  # (N, D) -> (N, E)
+        return self.g_mlp(global_feat) + self.g_skip(global_feat)
+
+    def embed_local(self, local_map):  # (N, C, H, W) -> (N, H*W, E)
+        emb = self.l_mlp(local_map) + self.l_skip(local_map)
+        return self.l_norm(emb.flatten(2).transpose(1, 2))
+
+    def forward(self, global_feat, local_map):
+        g = self.embed_global(global_feat)
+        l = self.embed_local(local_map)
+        return torch.einsum("nd,mkd->nmk", g, l)  # (N, N, M*M) scores: positives on n == m
+
+
+class ConcatCritic(nn.Module):
+    """Concat-and-convolve critic: y broadcast to every location, concatenated with C(x),
+    then 1x1 convs hidden -> hidden -> 1 with ReLU between.
+
+    Scored for all N x N pairs. The first 1x1 conv is linear in the concatenation, so it is
+    split into a part for y and a part for C(x) and summed per pair: exact, and it avoids
+    materialising N*N copies of the input.
+    """
+
+    def __init__(self, global_dim, local_channels, hidden=512):
+        super().__init__()
+        self.w_global = nn.Linear(global_dim, hidden)
+        self.w_local = nn.Linear(local_channels, hidden, bias=False)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, global_feat, local_map):
+        a = self.w_global(global_feat)  # (N, H)
+        b = self.w_local(local_map.flatten(2).transpose(1, 2))  # (N, K, H)
+        h = a[:, None, None, :] + b[None, :, :, :]  # (N, N, K, H)
+        return self.rest(h).squeeze(-1)  # (N, N, K)
+
+
+class GlobalCritic(nn.Module):
+    """DIM(G) critic: flatten the last conv map, concatenate with y, MLP 512-512-1.
+    Scores all N x N (y_n, C(x_m)) pairs; the first layer is split as in ConcatCritic."""
+
+    def __init__(self, conv_dim, global_dim, hidden=512):
+        super().__init__()
+        self.w_conv = nn.Linear(conv_dim, hidden)
+        self.w_global = nn.Linear(global_dim, hidden, bias=False)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, global_feat, conv_map):
+        h = self.w_global(global_feat)[:, None, :] + self.w_conv(conv_map.flatten(1))[None, :, :]
+        return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
+
+
+# ----------------------------------------------------------------------------------------
+# Prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
+# ----------------------------------------------------------------------------------------
+class PriorDiscriminator(nn.Module):
+    def __init__(self, dim, hidden=(1000, 200)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[1], 1))
+
+    def forward(self, v):
+        return self.net(v).squeeze(-1)
+
+
+def prior_disc_loss(prior_disc, global_feat):
+    """Discriminator side: prior samples are real, sigmoid(y) (detached) is fake."""
+    fake = torch.sigmoid(global_feat.detach().float())
+    real = torch.rand_like(fake)
+    return F.softplus(-prior_disc(real)).mean() + F.softplus(prior_disc(fake)).mean()
+
+
+def prior_encoder_loss(prior_disc, global_feat):
+    """Encoder side (non-saturating GAN loss): make sigmoid(y) look like prior samples."""
+    return F.softplus(-prior_disc(torch.sigmoid(global_feat.float()))).mean()
+
+
+# ----------------------------------------------------------------------------------------
+# Runs: folders, metrics, checkpoints
+# ----------------------------------------------------------------------------------------
+def _plain(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
+def plain_args(args):
+    return {k: _plain(v) for k, v in vars(args).items()}
+
+
+class Run:
+    """One run folder: args.json, metrics.jsonl, checkpoint.pt and pictures.
+
+    Created only once the data and networks exist, so a bad flag or missing dataset leaves
+    nothing behind; resuming reuses the checkpoint's folder.
+    """
+
+    def __init__(self, script, args, resume_dir=None):
+        if resume_dir:
+            self.dir = resume_dir
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = os.path.join(args.out_dir, f"{script}-{args.dataset}-{stamp}")
+            self.dir, i = base, 1
+            while os.path.exists(self.dir):
+                i += 1
+                self.dir = f"{base}-{i}"
+            os.makedirs(self.dir)
+        self.script = script
+        atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(plain_args(args), indent=2))
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def log(self, **metrics):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(_plain(metrics)) + "\n")
+
+
+def atomic_write_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, step,
+                    modules=None, optimizers=None, extra=None):
+    """Write a checkpoint that loads with weights_only=True (plain types only), atomically.
+
+    `encoder` must be the plain module (not the torch.compile or DDP wrapper), so keys carry
+    no `_orig_mod.`/`module.` prefixes.
+    """
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "script": script,
+        "encoder": encoder.state_dict(),
+        "encoder_cfg": dict(encoder_cfg),
+        "dataset": data.name,
+        "image_shape": list(data.image_shape),
+        "n_classes": int(data.n_classes),
+        "args": plain_args(args),
+        "epoch": int(epoch),
+        "step": int(step),
+        "modules": {k: m.state_dict() for k, m in (modules or {}).items()},
+        "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
+        "extra": _plain(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint; any problem is a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a run folder")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                        "it may be truncated or from another program") from None
+    missing = [k for k in ("encoder", "encoder_cfg", "script", "args", "epoch", "step")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of these scripts (missing {', '.join(missing)})")
+    return ckpt
+
+
+def encoder_from_checkpoint(ckpt):
+    """Rebuild the encoder from the checkpoint alone; every key must match exactly."""
+    encoder = build_encoder(ckpt["encoder_cfg"])
+    result = encoder.load_state_dict(ckpt["encoder"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"checkpoint encoder does not match its config: missing "
+                        f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return encoder
+
+
+def resume_state(args, script, modules, optimizers):
+    """If --resume is set: load every module and optimizer, return (run_dir, epoch, step)."""
+    if not args.resume:
+        return None, 0, 0
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["script"] != script:
+        raise UserError(f"{args.resume} was written by {ckpt['script']}, not {script}")
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(ckpt["encoder"] if name == "encoder" else ckpt["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{args.resume} does not match these flags ({str(e).splitlines()[0][:120]}); "
+                        "resume with the flags of the original run") from None
+    return os.path.dirname(os.path.abspath(args.resume)), ckpt["epoch"], ckpt["step"]
+
+
+def check_finite(loss, step, what="loss"):
+    if not torch.isfinite(loss).all():
+        raise UserError(f"{what} became {loss.item()} at step {step}; lower --lr, or use --loss "
+                        "jsd/infonce (the DV bound is known to blow up)")
+
+
+# ----------------------------------------------------------------------------------------
+# Features and metrics
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="cpu", amp=False):
+    """Frozen features of a split: {tap: float32 numpy (N, D)} and labels (numpy)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = {t: [] for t in taps}
+    labels = []
+    for x, y in data.batches(split, batch_size):
+        with autocast(torch.device(device), amp):
+            out = encoder(x.to(device))
+        for t in taps:
+            feats[t].append(out[t].flatten(1).float().cpu())
+        labels.append(y.cpu())
+    encoder.train(was_training)
+    return {t: torch.cat(v).numpy() for t, v in feats.items()}, torch.cat(labels).numpy()
+
+
+def cluster_accuracy(pred, labels):
+    """Accuracy of cluster ids `pred` under the best one-to-one matching to `labels`
+    (Hungarian algorithm). Clusters left unmatched count as errors."""
+    from scipy.optimize import linear_sum_assignment
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    kp, kl = pred.max() + 1, labels.max() + 1
+    counts = np.zeros((kp, kl), dtype=np.int64)
+    np.add.at(counts, (pred, labels), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return counts[rows, cols].sum() / len(labels)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, max_iter=1000):
+    """Test accuracy of a standardised multinomial logistic regression (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    keep = train_y >= 0
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    clf.fit(train_x[keep], train_y[keep])
+    return float(clf.score(test_x, test_y))
+
+
+def quick_probe(encoder, data, device, tap="y"):
+    """Linear-probe accuracy on one tap: the end-of-training check every script prints."""
+    tr, ytr = extract_features(encoder, data, "train", (tap,), device=device)
+    te, yte = extract_features(encoder, data, "test", (tap,), device=device)
+    return linear_probe(tr[tap], ytr, te[tap], yte)
+
+
+def print_table(rows, title=None):
+    """rows: list of dicts with the same keys; printed as an aligned text table."""
+    if title:
+        print(title)
+    if not rows:
+        return
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+def save_image_grid(images, path, nrow):
+    """Save a (B, C, H, W) batch in [-1, 1] as one PNG grid."""
+    from torchvision.utils import save_image
+    save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1),
+               pad_value=1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared by the later scripts (each section added by the issue that needed it)
+# ----------------------------------------------------------------------------------------
+# [infogan section]
+
+# [infoae section]
+
+# [shared_exclusive section]
