@@ -49,6 +49,13 @@ def run_cli(main):
 # ----------------------------------------------------------------------------------------
 # Command line, device, seeding
 # ----------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(s):
     v = int(s)
     if v <= 0:
@@ -461,14 +468,17 @@ def jsd_bound(scores):
 
 
 def infonce_bound(scores):
-    """infoNCE: E_pos[T - log sum exp T over candidates]. For global feature n and its positive
-    local feature (n, k), the candidates are that positive plus every local feature of every
-    other image: (N-1)*K + 1 of them, so the bound never exceeds log((N-1)*K + 1)."""
+    """infoNCE: log(#candidates) + E_pos[T - log sum exp T over the candidates], i.e. the log
+    of the softmax of the positive, shifted so that independent samples give 0. For global
+    feature n and its positive local feature (n, k), the candidates are that positive plus
+    every local feature of every other image: (N-1)*K + 1 of them, so the bound never exceeds
+    log((N-1)*K + 1) (log N for global scores)."""
     s = _as_3d(scores)
+    n, _, k = s.shape
     pos = _positives(s)  # (N, K)
     neg = s.masked_fill(~_negative_mask(s), float("-inf"))
     lse_neg = torch.logsumexp(neg.flatten(1), dim=1)  # (N,) over all negatives of n
-    return (pos - torch.logaddexp(pos, lse_neg[:, None])).mean()
+    return (pos - torch.logaddexp(pos, lse_neg[:, None])).mean() + math.log((n - 1) * k + 1)
 
 
 def dv_bound(scores):
@@ -760,11 +770,34 @@ def linear_probe(train_x, train_y, test_x, test_y, max_iter=1000):
     return float(clf.score(test_x, test_y))
 
 
+def kmeans_accuracy(features, labels, n_classes, seed=0):
+    """k-means (k = number of classes) on standardised features, Hungarian-matched accuracy."""
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+    pred = KMeans(n_clusters=n_classes, n_init=10, random_state=seed).fit_predict(
+        StandardScaler().fit_transform(features))
+    return float(cluster_accuracy(pred, labels))
+
+
 def quick_probe(encoder, data, device, tap="y"):
     """Linear-probe accuracy on one tap: the end-of-training check every script prints."""
     tr, ytr = extract_features(encoder, data, "train", (tap,), device=device)
     te, yte = extract_features(encoder, data, "test", (tap,), device=device)
     return linear_probe(tr[tap], ytr, te[tap], yte)
+
+
+def probe_against_random_init(encoder, encoder_cfg, data, device, seed=0, tap="y"):
+    """Linear-probe and k-means accuracy on `tap` for the trained encoder and for an untrained
+    one of the same architecture (the baseline every paper compares against)."""
+    torch.manual_seed(seed)
+    random_encoder = build_encoder(encoder_cfg).to(device)
+    result = {}
+    for name, enc in (("", encoder), ("_random_init", random_encoder)):
+        tr, ytr = extract_features(enc, data, "train", (tap,), device=device)
+        te, yte = extract_features(enc, data, "test", (tap,), device=device)
+        result[f"linear_{tap}{name}"] = linear_probe(tr[tap], ytr, te[tap], yte)
+        result[f"kmeans_{tap}{name}"] = kmeans_accuracy(te[tap], yte, data.n_classes, seed)
+    return result
 
 
 def print_table(rows, title=None):
@@ -791,8 +824,200 @@ def save_image_grid(images, path, nrow):
 # ----------------------------------------------------------------------------------------
 # Shared by the later scripts (each section added by the issue that needed it)
 # ----------------------------------------------------------------------------------------
+# NOTE to whoever edits below: several people edit this checkout at once; read
+# /tmp/helper_common.md first (edit only your own section; do not commit common.py).
+
 # [infogan section]
+class InfoGANEncoder(nn.Module):
+    """InfoGAN's shared D/Q trunk plus Q's hidden layer (PAPERS.md §3, MNIST architecture
+    scaled to `in_channels` and `image_size`): conv 4x4/2 64 (leaky ReLU) -> conv 4x4/2 128
+    (BN, leaky ReLU) -> fc 1024 (BN, leaky ReLU); Q's hidden layer fc 128 (BN, leaky ReLU).
+
+    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's 1024 vector, which D's head reads),
+    y (Q's 128-d hidden layer, from which Q predicts the codes; the representation probed by
+    eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
+    """
+    maps = ("c1", "conv")
+    default_local = "c1"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=128, fc_dim=1024, slope=0.1):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, 64, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 4
+        self.fc = nn.Sequential(nn.Linear(128 * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
+                                      nn.LeakyReLU(slope, inplace=True))
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        conv = self.c2(c1)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+
+
+ENCODERS["infogan"] = InfoGANEncoder
+
 
 # [infoae section]
+class InfoAEEncoder(nn.Module):
+    """InfoAE's encoder E (PAPERS.md §4): strided convs, no pooling, BatchNorm on every layer
+    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
+    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
+
+    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
+    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
+    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
+    """
+    maps = ("c1", "c2", "conv")
+    default_local = "c2"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 8
+        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        conv = self.c3(c2)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+ENCODERS["infoae"] = InfoAEEncoder
 
 # [shared_exclusive section]
+# Image pairs for shared/exclusive representations (PAPERS.md §5): colourful-MNIST, and the
+# same construction on the bundled digits. X = white digit on a coloured background, Y = the
+# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
+PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
+PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
+PAIRINGS = ["same-image", "same-class"]
+PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
+PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
+# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0).
+PALETTE_NAMES = ["red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure",
+                 "blue", "violet", "magenta", "rose"]
+PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
+                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
+                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
+
+
+def same_class_partners(labels, generator):
+    """For every image, a different image of the same class (uniformly among them)."""
+    partner = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) < 2:
+            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
+        # a random cyclic shift of a random order: every image gets another image of its class
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
+        partner[order] = order.roll(shift)
+    return partner
+
+
+def colorize_pairs(gray, labels, pairing="same-image", generator=None):
+    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
+
+    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
+    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
+       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
+    Labels (N, 3): digit, background colour index, foreground colour index.
+    """
+    if pairing not in PAIRINGS:
+        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    n = len(gray)
+    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
+    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
+    g_y = g_x[partner]
+    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
+    fg_rgb = PALETTE[fg].float()[:, :, None, None]
+    x = g_x * 255.0 + (1 - g_x) * bg_rgb
+    y = g_y * fg_rgb + (1 - g_y) * 255.0
+    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
+    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
+
+
+@dataclass
+class PairData:
+    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
+    name: str
+    pairing: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    train_labels: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False):
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device."""
+        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
+                     (self.test_x, self.test_y, self.test_labels))
+        n = len(x)
+        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x.device)
+        stop = n - batch_size + 1 if drop_last else n
+        for i in range(0, max(stop, 0), batch_size):
+            idx = order[i:i + batch_size]
+            yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
+                   lab[idx])
+
+    def n_batches(self, split, batch_size, drop_last=False):
+        n = len(self.train_x if split == "train" else self.test_x)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def domain(self, which, label="digit"):
+        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
+        generic tools (extract_features, eval_probe) can use it."""
+        col = PAIR_LABELS.index(label)
+        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
+        n_classes = 10 if label == "digit" else len(PALETTE)
+        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes)
+
+
+def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
+                   seed=PAIR_DATA_SEED):
+    """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
+    the same (name, pairing, seed) always gives the same pairs."""
+    if name not in PAIR_SOURCES:
+        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
+    gray = load_data(PAIR_SOURCES[name], root, torch.device("cpu"))  # offline error comes from here
+    gen = torch.Generator().manual_seed(seed)
+    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
+    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl)
+    if device.type != "cpu":
+        data.to(device)
+    return data
+
+
+def load_pair_domain(name, domain, root="./data", device=torch.device("cpu"), label="digit",
+                     pairing="same-image", seed=PAIR_DATA_SEED):
+    """One domain of a pair dataset as a `Data` (for eval_probe on a shared_exclusive encoder,
+    whose checkpoint's `extra` names pair_domain, pairing, pair_seed)."""
+    if domain not in ("x", "y"):
+        raise UserError(f"pair domain must be 'x' or 'y', got {domain!r}")
+    return load_pair_data(name, root, device, pairing, seed).domain(domain, label)

@@ -26,7 +26,6 @@ Where this script fills gaps in or departs from the paper:
 - Default epochs: the paper's 1000 for CIFAR, 200 for other datasets, 6 for the bundled
   digits so the first run finishes in about two minutes on a laptop CPU.
 """
-import argparse
 import math
 import time
 
@@ -37,7 +36,7 @@ from common import UserError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Deep InfoMax with the local objective, DIM(L)")
+    p = common.ArgumentParser(description="Deep InfoMax with the local objective, DIM(L)")
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4)
     p.add_argument("--loss", default="infonce", choices=sorted(common.BOUNDS),
                    help="MI estimator: jsd, infonce or dv (Table 1)")
@@ -163,11 +162,10 @@ def train(args):
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules=nets, optimizers=optimizers)
 
-    probe = common.quick_probe(encoder, data, device)
-    run.log(step=step, probe_y_linear=probe)
+    probes = common.probe_against_random_init(encoder, enc_cfg, data, device, args.seed)
+    run.log(step=step, **probes)
     common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
-                         **{k: v for k, v in stats.items() if k != "prior_disc"},
-                         "linear probe (y)": probe}],
+                         **{k: v for k, v in stats.items() if k != "prior_disc"}, **probes}],
                        title=f"\nDIM ({args.loss}, alpha={args.alpha}, beta={args.beta}, "
                              f"gamma={args.gamma}) on {data.name}")
     print(f"checkpoint: {run.path('checkpoint.pt')}  (python eval_probe.py {run.path('checkpoint.pt')})")

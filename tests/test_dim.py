@@ -1,0 +1,137 @@
+"""Deep InfoMax scripts and eval_probe end to end on the bundled digits, plus error paths."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import dim_global
+import dim_local
+import eval_probe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--no-progress", "--max-steps", "3", "--batch-size", "32", "--epochs", "1"]
+
+
+def run_script(*argv, env=None):
+    """Run a top-level script as a user would; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("script,extra", [
+    (dim_local, ["--loss", "jsd", "--embed-dim", "64"]),
+    (dim_local, ["--critic", "concat", "--loss", "dv", "--alpha", "0.5"]),
+    (dim_global, ["--loss", "infonce"]),
+])
+def test_one_epoch_writes_a_checkpoint_that_eval_probe_reads(tmp_path, script, extra):
+    run = script.train(script.parse_args([*FAST, "--out-dir", str(tmp_path), *extra]))
+    ckpt = torch.load(run.path("checkpoint.pt"), weights_only=True)  # plain types only
+    assert ckpt["step"] == 3 and ckpt["script"] == script.__name__
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["encoder"])
+    metrics = read_metrics(run.dir)
+    assert metrics[0]["step"] == 3 and np.isfinite(metrics[0]["loss"])
+    assert 0.5 < metrics[-1]["linear_y"] <= 1.0 and 0.5 < metrics[-1]["linear_y_random_init"] <= 1.0
+    result = eval_probe.main([run.path("checkpoint.pt"), "--probes", "linear,knn,kmeans",
+                              "--device", "cpu"])
+    taps = [r["tap"] for r in result["results"]]
+    assert taps == ["conv", "fc", "y"]
+    assert all(0.5 < r["linear"] <= 1.0 for r in result["results"])
+    assert os.path.exists(os.path.join(run.dir, "eval.json"))
+
+
+def test_training_raises_the_local_bound(tmp_path):
+    run = dim_local.train(dim_local.parse_args(
+        ["--no-progress", "--epochs", "2", "--max-steps", "30", "--embed-dim", "256", "--gamma", "0",
+         "--lr", "5e-4", "--out-dir", str(tmp_path)]))
+    epochs = [m for m in read_metrics(run.dir) if "local_mi" in m]
+    # infoNCE with (N-1)*M^2+1 = 4033 candidates starts far below 0 and must climb
+    assert epochs[1]["local_mi"] > epochs[0]["local_mi"] + 0.5
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    args = ["--no-progress", "--batch-size", "32", "--embed-dim", "64", "--out-dir", str(tmp_path)]
+    run = dim_local.train(dim_local.parse_args([*args, "--epochs", "1", "--max-steps", "2"]))
+    ckpt_path = run.path("checkpoint.pt")
+    first = torch.load(ckpt_path, weights_only=True)
+    resumed = dim_local.train(dim_local.parse_args(
+        [*args, "--epochs", "2", "--max-steps", "5", "--resume", ckpt_path]))
+    assert resumed.dir == run.dir and len(os.listdir(tmp_path)) == 1  # same run folder
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert (first["step"], first["epoch"]) == (2, 1) and (ckpt["step"], ckpt["epoch"]) == (5, 2)
+    epochs = [m for m in read_metrics(run.dir) if "epoch" in m]
+    assert [(m["epoch"], m["step"]) for m in epochs] == [(1, 2), (2, 5)]
+    # optimiser state came back too: Adam's step count continues rather than restarting
+    assert ckpt["optimizers"]["opt"]["state"][0]["step"].item() == 5
+
+
+def test_cluster_accuracy_is_invariant_to_label_permutation():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 500)
+    perm = rng.permutation(10)
+    assert common.cluster_accuracy(perm[labels], labels) == 1.0
+    noisy = np.where(rng.random(500) < 0.3, rng.integers(0, 10, 500), labels)
+    acc = common.cluster_accuracy(noisy, labels)
+    assert common.cluster_accuracy(perm[noisy], labels) == pytest.approx(acc)
+    assert 0.6 < acc < 0.85
+    assert common.cluster_accuracy(np.zeros(500, int), labels) == pytest.approx(np.bincount(labels).max() / 500)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = common.load_digits_data(), common.load_digits_data()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    tx, ty, vx, vy = a
+    assert tx.shape == (1437, 1, 32, 32) and vx.shape == (360, 1, 32, 32) and tx.dtype == torch.uint8
+    assert np.bincount(vy.numpy()).min() >= 35  # every class in the test split
+
+
+def test_stl_style_crop_and_flip_stay_on_the_batch():
+    data = common.Data("toy", torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8), torch.zeros(2),
+                       torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1), 10, crop=4)
+    g = torch.Generator().manual_seed(0)
+    x = data.preprocess(data.train_x, train=True, generator=g)
+    assert x.shape == (2, 3, 4, 4) and data.image_shape == (3, 4, 4)
+    full = data.preprocess(data.train_x, train=False)
+    assert full.shape == (2, 3, 4, 4)
+    # every crop is a contiguous window of its own image (possibly mirrored)
+    src = data.train_x.float() / 127.5 - 1
+    for i in range(2):
+        windows = [src[i, :, r:r + 4, c:c + 4] for r in range(5) for c in range(5)]
+        assert any(torch.equal(x[i], w) or torch.equal(x[i], w.flip(2)) for w in windows)
+
+
+def test_bad_flag_gives_one_line_and_exit_2(tmp_path):
+    code, out, err = run_script("dim_local.py", "--loss", "nope", "--out-dir", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--loss" in err
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    code, _, err = run_script("eval_probe.py", str(tmp_path / "nothing.pt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, _, err = run_script("eval_probe.py", str(bad))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a readable checkpoint" in err
+    code, _, err = run_script("dim_local.py", "--resume", str(bad), "--out-dir", str(tmp_path / "runs"))
+    assert code == 2 and "not a readable checkpoint" in err and not (tmp_path / "runs").exists()
+
+
+def test_offline_dataset_says_where_to_put_the_files(tmp_path):
+    dead = "http://127.0.0.1:9"  # nothing listens there: the download fails at once
+    code, _, err = run_script("dim_local.py", "--dataset", "mnist", "--data-root", str(tmp_path / "data"),
+                              "--out-dir", str(tmp_path / "runs"),
+                              env={"http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead,
+                                   "HTTPS_PROXY": dead})
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "MNIST/raw" in err and not (tmp_path / "runs").exists()
