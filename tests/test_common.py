@@ -1,0 +1,85 @@
+"""Encoders, data loading and run plumbing in common.py."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+@pytest.mark.parametrize("arch,size,local", [("dcgan", 32, (128, 8, 8)), ("resnet", 32, (128, 8, 8)),
+                                             ("alexnet", 64, (384, 16, 16))])
+def test_encoders_expose_named_taps(arch, size, local):
+    cfg = common.encoder_config(arch, (3, size, size), y_dim=64)
+    enc = common.build_encoder(cfg)
+    shapes = common.tap_shapes(enc, (3, size, size))
+    assert shapes["y"] == (64,) and set(enc.maps) <= set(shapes)
+    assert shapes[enc.default_local] == local
+    assert shapes["conv"][1:] == (size // 8, size // 8)
+    assert common.encoder_config("auto", (3, size, size))["arch"] == ("alexnet" if size == 64 else "dcgan")
+
+
+def test_encoder_rejects_odd_image_sizes():
+    with pytest.raises(common.UserError, match="divisible by 8"):
+        common.encoder_config("dcgan", (3, 30, 30))
+
+
+def test_imagefolder_reads_train_and_test_class_folders(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    data = common.load_data("imagefolder", str(tmp_path))
+    assert data.train_x.shape == (6, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
+    assert data.n_classes == 2 and sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(common.UserError, match="missing"):
+        common.load_data("imagefolder", str(tmp_path / "nowhere"))
+
+
+def test_batches_cover_the_split_once_in_range():
+    data = common.load_data("digits")
+    seen = torch.cat([y for _, y in data.batches("test", 64)])
+    assert torch.equal(seen, data.test_y)
+    x, _ = next(data.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (64, 1, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
+    assert data.n_batches("train", 64, drop_last=True) == 1437 // 64
+
+
+def test_non_finite_loss_stops_with_the_step():
+    common.check_finite(torch.tensor(1.0), step=3)
+    with pytest.raises(common.UserError, match="at step 7"):
+        common.check_finite(torch.tensor(float("nan")), step=7)
+
+
+def test_checkpoint_roundtrip_rebuilds_the_encoder(tmp_path):
+    import argparse
+    data = common.load_data("digits")
+    cfg = common.encoder_config("dcgan", data.image_shape, 16)
+    enc = common.build_encoder(cfg)
+    path = str(tmp_path / "checkpoint.pt")
+    args = argparse.Namespace(dataset="digits", lr=1e-4)
+    common.save_checkpoint(path, script="x", encoder=enc, encoder_cfg=cfg, args=args, data=data,
+                           epoch=1, step=5)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
+    rebuilt = common.encoder_from_checkpoint(common.load_checkpoint(path))
+    x = torch.randn(4, 1, 32, 32)
+    enc.eval(), rebuilt.eval()
+    assert torch.equal(enc(x)["y"], rebuilt(x)["y"])
+
+
+def test_cpu_autocast_keeps_one_step_loss_within_tolerance():
+    torch.manual_seed(0)
+    enc = common.DCGANEncoder(1, y_dim=16)
+    critic = common.DotCritic(16, 128, 64)
+    x = torch.randn(16, 1, 32, 32)
+    losses = []
+    for amp in (False, True):
+        with common.autocast(torch.device("cpu"), amp):
+            out = enc(x)
+            losses.append(common.infonce_bound(critic(out["y"], out["c2"])).item())
+    assert losses[1] == pytest.approx(losses[0], abs=0.05 * abs(losses[0]) + 0.05)
