@@ -522,9 +522,11 @@ class DotCritic(nn.Module):
         emb = self.l_mlp(local_map) + self.l_skip(local_map)
         return self.l_norm(emb.flatten(2).transpose(1, 2))
 
-    def forward(self, global_feat, local_map):
+    def forward(self, global_feat, local_map, gather=None):
         g = self.embed_global(global_feat)
         l = self.embed_local(local_map)
+        if gather is not None:  # multi-GPU: negatives from every rank's batch
+            g, l = gather(g), gather(l)
         return torch.einsum("nd,mkd->nmk", g, l)  # (N, N, M*M) scores: positives on n == m
 
 
@@ -543,7 +545,9 @@ class ConcatCritic(nn.Module):
         self.w_local = nn.Linear(local_channels, hidden, bias=False)
         self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, global_feat, local_map):
+    def forward(self, global_feat, local_map, gather=None):
+        if gather is not None:
+            global_feat, local_map = gather(global_feat), gather(local_map)
         a = self.w_global(global_feat)  # (N, H)
         b = self.w_local(local_map.flatten(2).transpose(1, 2))  # (N, K, H)
         h = a[:, None, None, :] + b[None, :, :, :]  # (N, N, K, H)
@@ -560,7 +564,9 @@ class GlobalCritic(nn.Module):
         self.w_global = nn.Linear(global_dim, hidden, bias=False)
         self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, global_feat, conv_map):
+    def forward(self, global_feat, conv_map, gather=None):
+        if gather is not None:
+            global_feat, conv_map = gather(global_feat), gather(conv_map)
         h = self.w_global(global_feat)[:, None, :] + self.w_conv(conv_map.flatten(1))[None, :, :]
         return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
 
@@ -592,6 +598,74 @@ def prior_encoder_loss(prior_disc, global_feat):
 
 
 # ----------------------------------------------------------------------------------------
+# Multi-GPU (torchrun): DDP, sharded data, negatives gathered across ranks, rank 0 writes
+# ----------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def init_distributed(device_name="auto"):
+    """(device, rank, world_size). Under `torchrun --nproc_per_node=K` this joins the process
+    group (NCCL on CUDA, gloo on CPU); a plain `python script.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return get_device(device_name), 0, 1
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process():
+    d = _dist()
+    return d is None or d.get_rank() == 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and keeps this rank's slice
+    (an all_reduce, which every backend supports, on contiguous tensors)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        dist = _dist()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _dist().all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_batch(t):
+    """`t` from every rank concatenated along dim 0 in rank order, with the gradient flowing
+    back to each rank's own part; the identity in a single process. Every rank must pass the
+    same batch size."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t.contiguous())
+
+
+def wrap_ddp(module, device):
+    """DistributedDataParallel when running under torchrun, the module itself otherwise."""
+    if _dist() is None or module is None:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------------------
 # Runs: folders, metrics, checkpoints
 # ----------------------------------------------------------------------------------------
 def _plain(v):
@@ -616,6 +690,10 @@ class Run:
     """
 
     def __init__(self, script, args, resume_dir=None):
+        self.script, self.main = script, is_main_process()
+        if not self.main:  # other ranks write nothing; their path() is never used for writing
+            self.dir, self.metrics_path = resume_dir or args.out_dir, None
+            return
         if resume_dir:
             self.dir = resume_dir
         else:
@@ -626,7 +704,6 @@ class Run:
                 i += 1
                 self.dir = f"{base}-{i}"
             os.makedirs(self.dir)
-        self.script = script
         atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(plain_args(args), indent=2))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
 
@@ -634,6 +711,8 @@ class Run:
         return os.path.join(self.dir, name)
 
     def log(self, **metrics):
+        if not self.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_plain(metrics)) + "\n")
 
@@ -650,8 +729,10 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
     """Write a checkpoint that loads with weights_only=True (plain types only), atomically.
 
     `encoder` must be the plain module (not the torch.compile or DDP wrapper), so keys carry
-    no `_orig_mod.`/`module.` prefixes.
+    no `_orig_mod.`/`module.` prefixes. Under torchrun only rank 0 writes.
     """
+    if not is_main_process():
+        return
     state = {
         "version": CHECKPOINT_VERSION,
         "script": script,
@@ -826,6 +907,125 @@ def save_image_grid(images, path, nrow):
 # ----------------------------------------------------------------------------------------
 # NOTE to whoever edits below: several people edit this checkout at once; read
 # /tmp/helper_common.md first (edit only your own section; do not commit common.py).
+
+# [dim extensions section]
+def encoder_stages(encoder):
+    """The conv trunk of a built-in encoder as ordered (tap, module) pairs; the head that
+    follows the last one is flatten -> encoder.fc -> encoder.out (= y)."""
+    if isinstance(encoder, DCGANEncoder):
+        return [("c1", encoder.c1), ("c2", encoder.c2), ("conv", encoder.c3)]
+    if isinstance(encoder, ResNetEncoder):
+        return [("c1", nn.Sequential(encoder.stem, encoder.c1)), ("c2", encoder.c2),
+                ("conv", encoder.c3)]
+    if isinstance(encoder, AlexNetEncoder):
+        return [("c1", encoder.c1), ("c2", encoder.c2), ("c3", encoder.c3), ("conv", encoder.c4)]
+    raise UserError(f"{type(encoder).__name__} cannot be run from an intermediate map; "
+                    f"use --encoder dcgan, resnet or alexnet")
+
+
+def forward_from(encoder, tap, feature_map):
+    """y computed from `feature_map` standing in for the map at `tap` (the rest of the encoder)."""
+    stages = encoder_stages(encoder)
+    names = [name for name, _ in stages]
+    h = feature_map
+    for _, module in stages[names.index(tap) + 1:]:
+        h = module(h)
+    return encoder.out(encoder.fc(h.flatten(1)))
+
+
+def receptive_fields(encoder, tap, image_shape, chunk=64):
+    """(M*M, H, W) bool: which input pixels each location of the map at `tap` can see.
+
+    Exact for conv/pool/BN/ReLU/residual nets: in a copy with every weight 1, every bias 0,
+    identity BatchNorm and max-pooling swapped for average pooling (same window), an all-ones
+    input gives positive activations everywhere, so the gradient of location k is positive
+    exactly on k's receptive field."""
+    import copy
+    probe = copy.deepcopy(encoder).cpu().eval()
+    for parent in list(probe.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+            elif isinstance(child, (nn.Conv2d, nn.Linear)):
+                nn.init.ones_(child.weight)
+                if child.bias is not None:
+                    nn.init.zeros_(child.bias)
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                child.reset_parameters()  # weight 1, bias 0, running mean 0, var 1
+    n_loc = math.prod(tap_shapes(probe, image_shape)[tap][1:])
+    fields = []
+    for locs in torch.arange(n_loc).split(chunk):
+        x = torch.ones(len(locs), *image_shape, requires_grad=True)
+        local_map = probe(x)[tap].flatten(2)  # (B, C, M*M)
+        local_map[torch.arange(len(locs)), :, locs].sum().backward()
+        fields.append(x.grad.sum(1) > 0)
+    return torch.cat(fields)  # (M*M, H, W)
+
+
+@contextlib.contextmanager
+def keep_bn_stats(module):
+    """Forward passes inside use batch statistics but leave BatchNorm running statistics as
+    they were (momentum 0), for extra passes on inputs unlike the test data (occluded, masked)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, count) in zip(bns, saved):
+            m.momentum = mom
+            m.num_batches_tracked.copy_(count)
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. (2003), 5 scales
+
+
+def _gaussian_window(size, sigma, channels, device):
+    g = torch.exp(-((torch.arange(size, device=device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def _ssim_terms(x, y, window, data_range):
+    """Per-image mean luminance*contrast*structure (SSIM) and contrast*structure (cs)."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    blur = lambda t: F.conv2d(t, window, groups=t.shape[1])  # valid: no padding artefacts
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    lum = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+    return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ms_ssim(x, y, data_range=2.0, window=7, sigma=1.5, max_scales=5):
+    """Multi-scale SSIM (Wang, Simoncelli, Bovik 2003) per image, (N,), 1 for identical images.
+
+    Images (N, C, H, W), in a range of width `data_range` (2 for [-1, 1]). Scales halve the
+    image by 2x2 average pooling; we use as many of the paper's 5 scales as keep the smallest
+    side >= the window (3 for 32x32 with the 7x7 window: 32, 16, 8) and renormalise the first
+    ones of the paper's weights to sum to 1. A 7x7 Gaussian window (sigma 1.5) replaces the
+    paper's 11x11, which would leave only 2 scales at 32x32. Negative cs/SSIM values are
+    clamped to 0 before the fractional powers."""
+    x, y = x.float(), y.float()
+    scales = 1
+    while scales < max_scales and min(x.shape[-2:]) // 2 ** scales >= window:
+        scales += 1
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"images of side {min(x.shape[-2:])} are smaller than the {window}x{window} window")
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
+    weights = weights / weights.sum()
+    win = _gaussian_window(window, sigma, x.shape[1], x.device)
+    result = torch.ones(x.shape[0], device=x.device)
+    for s in range(scales):
+        ssim, cs = _ssim_terms(x, y, win, data_range)
+        term = ssim if s == scales - 1 else cs
+        result = result * term.clamp(min=0) ** weights[s]
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return result
+
 
 # [infogan section]
 class InfoGANEncoder(nn.Module):

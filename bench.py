@@ -1,0 +1,192 @@
+"""Throughput benchmark: images/s, step time, FLOPs, fraction of matmul peak, peak memory.
+
+    python bench.py                                  # DIM(L)/DIM(G) breakdown + every script, CPU
+    python bench.py --device cuda --amp              # the same on a GPU, bf16
+    python bench.py --only dim --embed-dim 512       # trade critic width for speed
+
+For DIM the step is split into encoder (forward+backward), critics (forward+backward from
+detached features) and the bound itself (from a detached score tensor), each timed on its own
+after warm-up, with FLOPs counted by torch.utils.flop_counter. The other scripts are timed end
+to end: two runs with different --max-steps, the difference in wall time and FLOPs divided by
+the difference in steps, so set-up and final evaluation cancel out. The matmul peak is measured
+on this machine first (a large fp32 or bf16 matmul), and each step's achieved FLOP/s is quoted
+as a fraction of it.
+"""
+import argparse
+import contextlib
+import io
+import math
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description="Throughput benchmark for every script")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=common.positive_int, default=64)
+    p.add_argument("--embed-dim", type=common.positive_int, default=2048, help="DIM dot critic width")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DIM networks")
+    p.add_argument("--repeats", type=common.positive_int, default=5, help="timed steps per measurement")
+    p.add_argument("--only", default="all", choices=["all", "dim", "scripts"])
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def flops_of(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, amp, n=2048):
+    dtype = torch.bfloat16 if amp else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = timed(lambda: a @ b, device, repeats=10)
+    return 2 * n ** 3 / sec
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+def bench_dim(args, device, peak, variant):
+    import dim_global
+    import dim_local
+    module = dim_local if variant == "dim_local" else dim_global
+    margs = module.parse_args(["--embed-dim", str(args.embed_dim)])
+    data = common.load_data("digits", device=device)
+    cfg = common.encoder_config("dcgan", (3, 32, 32), margs.y_dim)  # CIFAR-shaped input
+    encoder = common.build_encoder(cfg).to(device)
+    shapes = common.tap_shapes(encoder, (3, 32, 32), device)
+    nets = {k: m.to(device) for k, m in module.build_critics(margs, encoder, shapes, "c2").items()}
+    enc = common.maybe_compile(encoder, args.compile)
+    critic_name = "local_critic" if variant == "dim_local" else "global_critic"
+    critic = common.maybe_compile(nets[critic_name], args.compile)
+    tap = "c2" if variant == "dim_local" else "conv"
+    params = list(encoder.parameters()) + [p for m in nets.values() for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    bound = common.infonce_bound
+    amp = lambda: common.autocast(device, args.amp)
+
+    def full_step():
+        with amp():
+            out = enc(x)
+            loss = -bound(critic(out["y"], out[tap]))
+            if "prior_disc" in nets:
+                loss = loss + margs.gamma * common.prior_encoder_loss(nets["prior_disc"], out["y"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def encoder_only():
+        with amp():
+            out = enc(x)
+            loss = out["y"].float().sum() + out[tap].float().sum()
+        loss.backward()
+
+    with torch.no_grad(), amp():
+        out = encoder(x)
+    feats = [out["y"].detach().float(), out[tap].detach().float()]
+
+    def critic_only():
+        g, l = (f.clone().requires_grad_() for f in feats)
+        with amp():
+            scores = critic(g, l)
+        scores.float().sum().backward()
+
+    with amp():
+        scores = critic(*feats).detach().float()
+
+    def bound_only():
+        s = scores.clone().requires_grad_()
+        bound(s).backward()
+
+    rows = []
+    for part, fn in (("step", full_step), ("encoder", encoder_only), ("critic", critic_only),
+                     ("bound", bound_only)):
+        sec = timed(fn, device, args.repeats)
+        fl = flops_of(fn)
+        rows.append({"script": variant, "part": part, "ms": 1000 * sec,
+                     "img/s": args.batch_size / sec if part == "step" else float("nan"),
+                     "GFLOP": fl / 1e9, "peak frac": fl / sec / peak})
+    step_ms = rows[0]["ms"]
+    for r in rows[1:]:
+        r["part"] = f"{r['part']} ({100 * r['ms'] / step_ms:.1f}% of step)"
+    rows[0]["peak MiB"] = peak_memory_mb(device)
+    return rows
+
+
+def bench_script(name, args, device, peak):
+    """End-to-end: difference of two short runs, so set-up and final evaluation cancel."""
+    import importlib
+    import tempfile
+    module = importlib.import_module(name)
+    measured = []
+    for steps in (3, 3 + 2 * args.repeats):
+        argv = ["--no-progress", "--max-steps", str(steps), "--batch-size", str(args.batch_size),
+                "--device", device.type, "--epochs", "1000"]
+        argv += ["--amp"] if args.amp else []
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            margs = module.parse_args(argv + ["--out-dir", tmp])
+            sync(device)
+            t0 = time.perf_counter()
+            with FlopCounterMode(display=False) as counter:
+                module.train(margs)
+            sync(device)
+            measured.append((time.perf_counter() - t0, counter.get_total_flops()))
+    (t1, f1), (t2, f2) = measured
+    n = 2 * args.repeats
+    sec, fl = (t2 - t1) / n, (f2 - f1) / n
+    return [{"script": name, "part": "step (end to end)", "ms": 1000 * sec,
+             "img/s": args.batch_size / sec, "GFLOP": fl / 1e9, "peak frac": fl / sec / peak,
+             "peak MiB": peak_memory_mb(device)}]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    torch.manual_seed(0)
+    peak = matmul_peak(device, args.amp)
+    print(f"device {device}, {torch.get_num_threads()} threads, {'bf16' if args.amp else 'fp32'} "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s, batch {args.batch_size}")
+    rows = []
+    if args.only in ("all", "dim"):
+        rows += bench_dim(args, device, peak, "dim_local") + bench_dim(args, device, peak, "dim_global")
+    if args.only in ("all", "scripts"):
+        for name in ("infogan", "infoae", "shared_exclusive"):
+            try:
+                rows += bench_script(name, args, device, peak)
+            except ImportError:
+                print(f"{name}.py not found; skipped")
+    for r in rows:
+        r.setdefault("peak MiB", float("nan"))
+    common.print_table(rows)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
