@@ -1,0 +1,289 @@
+"""shared_exclusive.py: the colourful pair builder, the S-Z adversary's shuffle, the frozen
+shared encoders of stage 2, and the sign of every loss term."""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import shared_exclusive as se
+
+FAST = ["--no-progress", "--max-steps", "2", "--epochs", "1", "--batch-size", "32",
+        "--embed-dim", "32", "--probe", "linear", "--n-queries", "2"]
+
+
+def digits_gray():
+    tx, ty, _, _ = common.load_digits_data()
+    return tx, ty
+
+
+def colour_labels_from_pixels(x, y):
+    """Recover (background of X, foreground of Y) from pixels alone.
+    X's corner is pure background; in Y, the inkiest pixel's distance from white points along
+    (white - foreground), a direction that differs for each palette colour."""
+    palette = common.PALETTE.float()
+    corner = x[:, :, 0, 0].float()  # (N, 3)
+    bg = torch.cdist(corner, palette).argmin(1)
+    ink = 255.0 - y.float()  # (N, 3, H, W)
+    flat = ink.flatten(2)  # (N, 3, H*W)
+    darkest = flat.sum(1).argmax(1)  # (N,)
+    direction = flat[torch.arange(len(y)), :, darkest]  # (N, 3)
+    cos = torch.nn.functional.normalize(direction, dim=1) @ \
+        torch.nn.functional.normalize(255.0 - palette, dim=1).T
+    return bg, cos.argmax(1)
+
+
+def test_pair_builder_keeps_the_digit_and_colour_labels_match_pixels():
+    gray, labels = digits_gray()
+    x, y, lab = common.colorize_pairs(gray, labels, "same-image", torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (len(gray), 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(lab[:, 0], labels)
+    bg_rgb, fg_rgb = common.PALETTE[lab[:, 1]], common.PALETTE[lab[:, 2]]
+    n = torch.arange(len(gray))
+    # every palette colour has a channel at 0: there X shows the ink itself and Y its negative
+    c_bg, c_fg = (bg_rgb == 0).int().argmax(1), (fg_rgb == 0).int().argmax(1)
+    assert torch.equal(x[n, c_bg], gray[:, 0])
+    assert torch.equal(y[n, c_fg], 255 - gray[:, 0])
+    # where the ink is full, X is white; where there is none, Y is white
+    assert torch.equal(x[:, :, 0, 0], bg_rgb) and (y[:, :, 0, 0] == 255).all()
+    bg, fg = colour_labels_from_pixels(x, y)
+    assert torch.equal(bg, lab[:, 1]) and torch.equal(fg, lab[:, 2])
+
+
+def test_the_two_colours_are_drawn_independently():
+    from scipy.stats import chi2_contingency
+    gray = torch.zeros(24000, 1, 32, 32, dtype=torch.uint8)
+    _, _, lab = common.colorize_pairs(gray, torch.zeros(24000, dtype=torch.long), "same-image",
+                                      torch.Generator().manual_seed(0))
+    k = len(common.PALETTE)
+    joint = np.zeros((k, k))
+    np.add.at(joint, (lab[:, 1].numpy(), lab[:, 2].numpy()), 1)
+    assert (joint > 0).all()  # every (background, foreground) combination occurs, same ones too
+    assert abs(np.trace(joint) / joint.sum() - 1 / k) < 0.01  # same colour no more than by chance
+    assert chi2_contingency(joint).pvalue > 1e-3
+    marginal = joint.sum(1) / joint.sum()
+    assert np.abs(marginal - 1 / k).max() < 0.01  # uniform over the 12 hues
+
+
+def test_same_class_pairing_draws_another_image_of_the_class():
+    gray, labels = digits_gray()
+    x, y, lab = common.colorize_pairs(gray, labels, "same-class", torch.Generator().manual_seed(2))
+    assert torch.equal(lab[:, 0], labels)
+    c_fg = (common.PALETTE[lab[:, 2]] == 0).int().argmax(1)
+    y_ink = 255 - y[torch.arange(len(y)), c_fg]  # (N, H, W): the grayscale image Y was drawn from
+    where = {}
+    for j, img in enumerate(gray[:, 0]):
+        where.setdefault(img.numpy().tobytes(), []).append(j)
+    for i in range(len(y)):
+        sources = where[y_ink[i].numpy().tobytes()]  # images identical to Y's (duplicates too)
+        assert sources != [i]  # another image than X's own
+        assert (labels[sources] == labels[i]).all()
+
+
+def test_pair_data_domains_and_offline_error():
+    pair = common.load_pair_data("colorful-digits")
+    assert pair.train_labels.shape == (1437, 3) and pair.test_labels.shape == (360, 3)
+    gray, labels = digits_gray()  # fixed pairs: every run and eval_probe see the same ones
+    x, _, lab = common.colorize_pairs(gray, labels, "same-image",
+                                      torch.Generator().manual_seed(common.PAIR_DATA_SEED))
+    assert torch.equal(pair.train_x, x) and torch.equal(pair.train_labels, lab)
+    dom = pair.domain("y", "foreground")
+    assert torch.equal(dom.train_x, pair.train_y) and dom.n_classes == 12
+    assert torch.equal(dom.test_y, pair.test_labels[:, 2])
+    x, y, lab = next(pair.batches("train", 16))
+    assert x.shape == (16, 3, 32, 32) and -1 <= x.min() and x.max() <= 1 and lab.shape == (16, 3)
+    with pytest.raises(common.UserError, match="could not load mnist"):
+        common.load_pair_data("colorful-mnist", root="/nonexistent-offline-root")
+
+
+def test_shuffle_in_the_adversary_breaks_the_pairing():
+    z = torch.arange(50)[:, None].float()
+    for seed in range(5):
+        zs = se.shuffle_across_batch(z, torch.Generator().manual_seed(seed))
+        assert torch.equal(zs.sort(0).values, z)  # a permutation of the batch
+        assert (zs != z).all()  # no sample keeps its own Z
+    # a discriminator separates joint from shuffled exactly when S and Z are dependent
+    torch.manual_seed(0)
+    for dependent, lo, hi in ((True, 0.9, 1.01), (False, 0.35, 0.65)):
+        disc = se.SZDiscriminator(6, hidden=(64, 32))
+        opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(150):
+            s = torch.randn(128, 4)
+            z = s[:, :2] + 0.1 * torch.randn(128, 2) if dependent else torch.randn(128, 2)
+            loss = se.sz_disc_loss(disc, s, z, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        s = torch.randn(512, 4)
+        z = s[:, :2] + 0.1 * torch.randn(512, 2) if dependent else torch.randn(512, 2)
+        with torch.no_grad():
+            acc = ((disc(s, z) > 0).float().mean() + (disc(s, se.shuffle_across_batch(z)) < 0).float().mean()) / 2
+        assert lo < acc < hi, (dependent, acc)
+
+
+class Stub(nn.Module):
+    """An 'encoder' whose outputs are given tensors (forward ignores its input)."""
+
+    def __init__(self, **out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def loss_args(**kw):
+    base = dict(shared_local=0.0, shared_global=0.0, l1=0.0, exclusive_local=0.0,
+                exclusive_global=0.0, adversarial=0.0, local_layer="c2")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_stage1_loss_signs():
+    n = 8
+    s_x, s_y = torch.randn(n, 4), torch.randn(n, 4)
+    maps = dict(c2=torch.zeros(n, 2, 2, 2), conv=torch.zeros(n, 3, 1, 1))
+    enc = {"shared_x": Stub(y=s_x, **maps), "shared_y": Stub(y=s_y, **maps)}
+    eye = torch.eye(n)
+    informative = lambda s, c: (4 * eye - 4 * (1 - eye))[:, :, None].expand(n, n, 4).clone()
+    blind = lambda s, c: torch.zeros(n, n, 4)
+    x = torch.zeros(n, 3, 32, 32)
+    for term in ("shared_local", "shared_global"):
+        losses = {}
+        for name, critic in (("informative", informative), ("blind", blind)):
+            critics = {f"shared_{kind}_critic_{d}": critic for kind in ("local", "global") for d in "xy"}
+            losses[name], logs, _ = se.shared_step(x, x, enc, critics, common.jsd_bound, loss_args(**{term: 1.0}))
+        # more MI -> lower loss: the bounds enter with a minus sign
+        assert losses["informative"] < losses["blind"] - 1.0, term
+    # the L1 term is added: S codes far apart cost more than equal ones
+    critics = {f"shared_{kind}_critic_{d}": blind for kind in ("local", "global") for d in "xy"}
+    far, logs, _ = se.shared_step(x, x, enc, critics, common.jsd_bound, loss_args(l1=1.0))
+    assert torch.isclose(far, (s_x - s_y).abs().mean()) and far > 0.1
+    enc_same = {"shared_x": Stub(y=s_x, **maps), "shared_y": Stub(y=s_x, **maps)}
+    same, _, _ = se.shared_step(x, x, enc_same, critics, common.jsd_bound, loss_args(l1=1.0))
+    assert same == 0
+
+
+def test_stage1_local_term_is_cross_not_self():
+    """I(C(X); S_Y): the X-side critic must be given S_Y and X's own local map."""
+    n = 4
+    s_x, s_y = torch.full((n, 2), 1.0), torch.full((n, 2), 2.0)
+    c_x, c_y = torch.full((n, 1, 1, 1), 10.0), torch.full((n, 1, 1, 1), 20.0)
+    enc = {"shared_x": Stub(y=s_x, c2=c_x, conv=c_x), "shared_y": Stub(y=s_y, c2=c_y, conv=c_y)}
+    seen = {}
+
+    def recorder(name):
+        def critic(s, c):
+            seen[name] = (float(s[0, 0]), float(c.flatten()[0]))
+            return torch.zeros(n, n, 1)
+        return critic
+
+    critics = {f"shared_{k}_critic_{d}": recorder(f"{k}_{d}") for k in ("local", "global") for d in "xy"}
+    se.shared_step(torch.zeros(n), torch.zeros(n), enc, critics, common.jsd_bound,
+                   loss_args(shared_local=1.0, shared_global=1.0))
+    assert seen == {"local_x": (2.0, 10.0), "global_x": (2.0, 10.0),
+                    "local_y": (1.0, 20.0), "global_y": (1.0, 20.0)}
+
+
+def test_stage2_loss_signs_and_no_gradient_into_shared():
+    n = 8
+    torch.manual_seed(0)
+    shared = {d: common.DCGANEncoder(3, 32, 4, fc_dim=16).eval() for d in "xy"}
+    z = torch.randn(n, 2, requires_grad=True)
+    maps = dict(c2=torch.zeros(n, 2, 2, 2), conv=torch.zeros(n, 3, 1, 1))
+    w = torch.tensor([1.0, -2.0])
+    enc = {"shared_x": shared["x"], "shared_y": shared["y"],
+           "exclusive_x": Stub(y=z, **maps), "exclusive_y": Stub(y=z, **maps)}
+    blind = lambda r, c: torch.zeros(n, n, 4)
+    x = torch.randn(n, 3, 32, 32)
+    for logit_shift, name in ((3.0, "detected"), (-3.0, "fooled")):
+        disc = lambda s, zz, b=logit_shift: zz @ w + b  # a linear discriminator on Z
+        critics = {f"exclusive_{k}_critic_{d}": blind for k in ("local", "global") for d in "xy"}
+        critics.update(sz_disc_x=disc, sz_disc_y=disc)
+        loss, logs, sz = se.exclusive_step(x, x, enc, critics, common.jsd_bound, loss_args(adversarial=1.0))
+        if name == "detected":
+            detected = loss
+            z.grad = None
+            loss.backward()
+            # gradient descent on Z lowers the discriminator's "joint" logit w.z
+            assert (z.grad @ w).sum() > 0
+            assert all(p.grad is None for m in shared.values() for p in m.parameters())
+            assert not sz["x"][0].requires_grad  # S is computed without a graph
+        else:
+            fooled = loss
+    assert detected > fooled + 2.0  # the GAN term is a cost: lower when the adversary is fooled
+    # the MI terms of R = (S, Z) enter with a minus sign as in stage 1
+    eye = torch.eye(n)
+    informative = lambda r, c: (4 * eye - 4 * (1 - eye))[:, :, None].expand(n, n, 4).clone()
+    for term in ("exclusive_local", "exclusive_global"):
+        values = []
+        for critic in (informative, blind):
+            critics = {f"exclusive_{k}_critic_{d}": critic for k in ("local", "global") for d in "xy"}
+            values.append(se.exclusive_step(x, x, enc, critics, common.jsd_bound, loss_args(**{term: 1.0}))[0])
+        assert values[0] < values[1] - 1.0, term
+
+
+def test_discriminator_loss_sign():
+    torch.manual_seed(0)
+    s, z = torch.randn(64, 3), torch.randn(64, 2)
+    right = lambda s_, z_: 10.0 * (z_ == z).all(1).float() * 2 - 10.0  # +10 on the joint, -10 shuffled
+    wrong = lambda s_, z_: -right(s_, z_)
+    assert se.sz_disc_loss(right, s, z) < 1e-3
+    assert se.sz_disc_loss(wrong, s, z) > 10
+    # the encoder's GAN loss is the opposite: low when the joint is called shuffled
+    assert se.sz_encoder_loss(wrong, s, z) < 1e-3 < se.sz_encoder_loss(right, s, z)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
+    argv = [*FAST, "--out-dir", str(tmp_path)]
+    run, metrics = se.main(argv)  # both stages
+    assert set(metrics) == {f"acc_{r}_{t}" for r in se.REPS for t in common.PAIR_LABELS}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert [m["stage"] for m in read_metrics(run.dir) if "stage" in m] == [1, 2]
+    assert os.path.exists(run.path("neighbours.png"))
+    # shared_*.pt were written at the end of stage 1; checkpoint.pt at the end of stage 2
+    final = torch.load(run.path("checkpoint.pt"), weights_only=True)
+    after = {"x": final["encoder"], "y": final["modules"]["shared_y"]}
+    common.seed_everything(0)  # the same initial weights as the run's
+    init, _, _ = se.build_networks(se.parse_args(argv), (3, 32, 32), torch.device("cpu"))
+    for d in "xy":
+        stage1 = torch.load(run.path(f"shared_{d}.pt"), weights_only=True)
+        assert stage1["extra"]["pair_domain"] == d and stage1["extra"]["part"] == "shared"
+        assert stage1["dataset"] == "colorful-digits" and stage1["image_shape"] == [3, 32, 32]
+        for k, v in stage1["encoder"].items():  # weights and BatchNorm statistics alike
+            assert torch.equal(v, after[d][k]), k
+        assert not torch.equal(stage1["encoder"]["out.weight"], init[f"shared_{d}"].out.weight)
+        excl = torch.load(run.path(f"exclusive_{d}.pt"), weights_only=True)["encoder"]
+        assert excl["out.weight"].shape == (8, 1024)  # stage 2 did train the exclusive encoders
+        assert not torch.equal(excl["out.weight"], init[f"exclusive_{d}"].out.weight)
+    assert common.encoder_from_checkpoint(stage1).out.out_features == 64  # rebuilt from cfg alone
+    # stage 2 alone starts from exactly these shared encoders
+    fresh, _, _ = se.build_networks(se.parse_args(argv), (3, 32, 32), torch.device("cpu"))
+    args2 = se.parse_args([*argv, "--stage", "2", "--shared-from", run.path("checkpoint.pt")])
+    assert se.load_shared(run.path("checkpoint.pt"), fresh, args2) == 1
+    for d in "xy":
+        assert all(torch.equal(v, after[d][k]) for k, v in fresh[f"shared_{d}"].state_dict().items())
+    args2.pairing = "same-class"
+    with pytest.raises(common.UserError, match="same --dataset and --pairing"):
+        se.load_shared(run.path("checkpoint.pt"), fresh, args2)
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        se.parse_args(["--stage", "2"])  # no shared encoders to start from
+    with pytest.raises(SystemExit):
+        se.parse_args(["--dataset", "digits"])  # not a pair dataset
+    bogus = tmp_path / "checkpoint.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        se.main([*FAST, "--stage", "2", "--shared-from", str(bogus), "--out-dir", str(tmp_path)])
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no run folder left behind
