@@ -1,0 +1,479 @@
+"""Information Maximizing Autoencoder: InfoAE.
+
+Rana, Latif, Gururajan, Gray, Mackenzie, Humphris, Dunn. "Disentangled Representation
+Learning with Information Maximizing Autoencoder", 2019, arXiv:1904.08613.
+
+Six networks. A generator G(z, c) turns noise z and a category c into a latent l_g; the
+decoder Dec turns latents into images (Dec(l_g) must fool an image discriminator Dis); the
+encoder E maps images back to latents (Dec(E(x)) reconstructs x); a classifier C recovers c
+from l_g and from E(Dec(l_g)) (the mutual information between c and the latents); a latent
+"self critic" SC tells (G(z,c), c) from (E(Dec(G(z,c))), c), so E learns to invert Dec. After
+training, argmax C(E(x)) clusters real images, unsupervised.
+
+    python infoae.py                                   # digits, ~4 min on 2 busy CPU cores
+    python infoae.py --dataset mnist --width 64 --epochs 30
+
+Losses. With l_g = G(z, c), x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g) and
+non-saturating GAN losses (sp(t) = log(1 + e^t), so sp(-t) = -log sigmoid(t)):
+
+    term      formula                                   reaches (and so trains)
+    rec       mean (x_r - x)^2                          E, Dec
+    dec_gen   sp(-Dis(x_g))                             Dec, G
+    dec_rec   sp(-Dis(x_r))                             Dec, E
+    cls_gen   cross-entropy(C(l_g), c)                  G, C
+    cls_enc   cross-entropy(C(l_ge), c)                 E, Dec, G, C
+    enc_sc    sp(-SC(l_ge, c))                          E, Dec, G
+    dis       sp(-Dis(x)) + (sp(Dis(x_g)) + sp(Dis(x_r))) / 2, images detached   Dis
+    sc        sp(-SC(l_g, c)) + sp(SC(l_ge, c)), latents detached                SC
+
+The paper's Eq. 2 is a min-max: "the weights of E, Dec, G and C are updated to minimise the
+total loss, while the weights of Dis and SC are updated to maximise" their losses. So E, Dec,
+G and C take one step of one Adam on
+
+    rec + alpha * (dec_gen + dec_rec) + beta * (cls_gen + cls_enc) + gamma * enc_sc,
+
+each term reaching every one of them it depends on (nothing is detached between them: this
+is how Dec "also maximises the mutual information between the condition and the generated
+samples", §2, through cls_enc, as InfoGAN's generator does). Dis and SC are frozen while
+that loss is built (requires_grad off, so no gradient even reaches them). Then Dis and SC
+each take one step on their own loss, whose inputs are detached so that it trains them only.
+
+The paper's total-loss equation (its Eq. 1) is lost; it says only that alpha, beta, gamma
+weigh the losses and that alpha = 1, beta = 1, gamma = 0.4 worked best. The choice here:
+- Only the minimising side is weighted. Dis and SC each have one loss and their own Adam,
+  which is invariant to a constant factor on the loss, so a weight there would do nothing.
+- The four groups of the minimising side are: reconstruction (the autoencoder, kept at
+  weight 1 as the unit), the image-adversarial terms (alpha), the information terms (beta,
+  InfoGAN's lambda, which is also 1 there for a categorical code), and the encoder's
+  self-critic term (gamma). gamma < 1 on the self-critic matches the paper's remark that
+  training is sensitive to these weights: it is the term that pulls E towards G's latent
+  distribution against the reconstruction of real images, and a strong pull early on (when
+  SC separates the two sets trivially) makes E discard what it needs to reconstruct x.
+All three are flags.
+
+Where this script fills gaps in or departs from the paper:
+- Architectures (the paper gives only their kind): E and Dis are DCGAN-style strided CNNs,
+  Dec its transposed mirror, G and C two-layer MLPs (hidden 512), SC a three-layer MLP on
+  (latent, one-hot c). BatchNorm everywhere except first and last layers, so none in the
+  two-layer G and C (they have only a first and a last layer) and none in SC (whose inputs
+  come in two batches, real and fake). Leaky ReLU (0.2) in E, Dis and SC, ReLU in Dec, G, C.
+- Width: convolutions have w, 2w, 4w channels with w = --width, 64 in the DCGAN-sized
+  setting, 32 by default on the tiny digits so a CPU run takes minutes.
+- E's running BatchNorm statistics are recomputed on real training images before every
+  evaluation and checkpoint (training mixes real and generated batches into them; E is used
+  on real images). This does not change training, which uses each batch's own statistics.
+- Dis gets a minibatch-spread channel (the batch's feature standard deviation, as in
+  progressive GANs) before its last layer: without it the decoder learns to ignore z and
+  draws one image per category.
+- Unspecified by the paper: latent size 64 (--latent-dim), z ~ Uniform(-1, 1)^100, Adam
+  beta1 = 0.5 (the usual GAN setting), mean squared error for reconstruction, batch 64.
+- Evaluation: test images are clustered by argmax C(E(x)) with E in eval mode and matched
+  one-to-one to the labels (Hungarian); the paper reports 98.9% +- 0.1 on MNIST. k-means on
+  raw digits pixels gets about 79%.
+- Interpolations: rows 1-5 go between two test images of different classes, rows 6-10 between
+  two of the same class (the paper's Fig. 2c and 2d); every column, the ends included, is
+  Dec of a latent, so the ends are reconstructions.
+- Default epochs: 30 on digits (about 4 minutes on a busy 2-core CPU), 50 elsewhere.
+"""
+import contextlib
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+SCRIPT = "infoae"
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description="Information Maximizing Autoencoder (InfoAE)")
+    common.add_common_args(p, epochs=None, batch_size=64, lr=2e-4)
+    p.add_argument("--alpha", type=common.nonneg_float, default=1.0,
+                   help="weight of the decoder's image-adversarial losses on generated and "
+                        "reconstructed images (alpha, Eq. 1)")
+    p.add_argument("--beta", type=common.nonneg_float, default=1.0,
+                   help="weight of the two classification (MI) losses, C on G(z,c) and on "
+                        "E(Dec(G(z,c))) (beta, Eq. 1)")
+    p.add_argument("--gamma", type=common.nonneg_float, default=0.4,
+                   help="weight of the encoder's self-critic loss (gamma, Eq. 1)")
+    p.add_argument("--categories", type=common.positive_int, default=10,
+                   help="size of the categorical code c ~ Cat(K) (paper: 10)")
+    p.add_argument("--z-dim", type=common.positive_int, default=100,
+                   help="size of the uniform noise z (paper: 100)")
+    p.add_argument("--latent-dim", type=common.positive_int, default=64,
+                   help="size of the latents l_g = G(z,c) and l_e = E(x)")
+    p.add_argument("--width", type=common.positive_int, default=None,
+                   help="channels of the first conv of E and Dis (then 2x, 4x); default 32 "
+                        "on digits, 64 elsewhere")
+    p.add_argument("--hidden", type=common.positive_int, default=512,
+                   help="hidden units of G, C and SC")
+    p.add_argument("--adam-beta1", type=float, default=0.5, help="Adam beta1 for every network")
+    args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 30 if args.dataset == "digits" else 50
+    if args.width is None:
+        args.width = 32 if args.dataset == "digits" else 64
+    if args.categories < 2:
+        p.error("--categories must be at least 2")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# The networks (E is common.InfoAEEncoder, registered as ENCODERS["infoae"])
+# ----------------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """Dec: latent -> image. fc to (4w, H/8, H/8) (BN, ReLU) -> upconv 4x4/2 2w (BN, ReLU)
+    -> upconv 4x4/2 w (BN, ReLU) -> upconv 4x4/2 channels, tanh (images live in [-1, 1])."""
+
+    def __init__(self, latent_dim, out_channels, image_size, width):
+        super().__init__()
+        w, self.s = width, image_size // 8
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 4 * w * self.s * self.s, bias=False),
+                                nn.BatchNorm1d(4 * w * self.s * self.s), nn.ReLU(inplace=True))
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w, out_channels, 4, 2, 1), nn.Tanh())
+
+    def forward(self, latent):
+        return self.up(self.fc(latent).view(len(latent), -1, self.s, self.s))
+
+
+class Generator(nn.Module):
+    """G: (z, one-hot c) -> latent l_g. Two layers, so no BatchNorm (first and last)."""
+
+    def __init__(self, z_dim, n_categories, latent_dim, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(z_dim + n_categories, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, latent_dim))
+
+    def forward(self, z, c_onehot):
+        return self.net(torch.cat([z, c_onehot], 1))
+
+
+class Classifier(nn.Module):
+    """C: latent -> logits over the K categories. Two layers, no BatchNorm."""
+
+    def __init__(self, latent_dim, n_categories, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, n_categories))
+
+    def forward(self, latent):
+        return self.net(latent)
+
+
+class ImageDiscriminator(nn.Module):
+    """Dis: image -> real/fake logit. conv 4x4/2 w (leaky ReLU) -> conv 2w (BN) -> conv 4w
+    (BN) -> [+ minibatch std channel] -> linear 1."""
+
+    def __init__(self, in_channels, image_size, width, slope=0.2):
+        super().__init__()
+        w, s = width, image_size // 8
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True),
+            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(slope, inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(slope, inplace=True))
+        self.out = nn.Linear((4 * w + 1) * s * s, 1)
+
+    def forward(self, x):
+        h = self.convs(x)
+        # one extra channel: the batch's feature spread, so a batch of near-copies (a decoder
+        # ignoring z) is told from a varied real batch
+        spread = h.std(0, unbiased=False).mean().expand(len(h), 1, *h.shape[2:])
+        return self.out(torch.cat([h, spread], 1).flatten(1)).squeeze(-1)
+
+
+class SelfCritic(nn.Module):
+    """SC: (latent, one-hot c) -> logit; real = (G(z,c), c), fake = (E(Dec(G(z,c))), c)."""
+
+    def __init__(self, latent_dim, n_categories, hidden, slope=0.2):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + n_categories, hidden), nn.LeakyReLU(slope, inplace=True),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(slope, inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, latent, c_onehot):
+        return self.net(torch.cat([latent, c_onehot], 1)).squeeze(-1)
+
+
+def build_networks(args, image_shape):
+    """The encoder's config (saved in the checkpoint) and the six networks by name."""
+    channels, size, _ = image_shape
+    enc_cfg = common.encoder_config("infoae", image_shape, args.latent_dim)
+    enc_cfg.update(width=args.width)
+    nets = {
+        "encoder": common.build_encoder(enc_cfg),
+        "decoder": Decoder(args.latent_dim, channels, size, args.width),
+        "generator": Generator(args.z_dim, args.categories, args.latent_dim, args.hidden),
+        "classifier": Classifier(args.latent_dim, args.categories, args.hidden),
+        "discriminator": ImageDiscriminator(channels, size, args.width),
+        "self_critic": SelfCritic(args.latent_dim, args.categories, args.hidden),
+    }
+    return enc_cfg, nets
+
+
+MIN_PLAYERS = ("encoder", "decoder", "generator", "classifier")
+# which networks each loss term trains (the docstring's table; the tests check it)
+TRAINS = {"rec": {"encoder", "decoder"}, "dec_gen": {"decoder", "generator"},
+          "dec_rec": {"decoder", "encoder"}, "cls_gen": {"generator", "classifier"},
+          "cls_enc": {"encoder", "decoder", "generator", "classifier"},
+          "enc_sc": {"encoder", "decoder", "generator"},
+          "dis": {"discriminator"}, "sc": {"self_critic"}}
+
+
+# ----------------------------------------------------------------------------------------
+# The losses
+# ----------------------------------------------------------------------------------------
+def sample_prior(n, z_dim, n_categories, device):
+    """z ~ Uniform(-1, 1)^z_dim and c ~ Cat(K) with equal probabilities (labels, not one-hot)."""
+    z = torch.rand(n, z_dim, device=device).mul_(2).sub_(1)
+    c = torch.randint(n_categories, (n,), device=device)
+    return z, c
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Turn off requires_grad of the modules' parameters, so a loss built inside cannot even
+    reach them; restored on exit."""
+    saved = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for m in modules:
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, flags in zip(modules, saved):
+            for p, f in zip(m.parameters(), flags):
+                p.requires_grad_(f)
+
+
+def min_player_terms(nets, x, z, c):
+    """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with Dis
+    and SC frozen so that no gradient reaches them.
+
+    Returns (terms, tensors): terms by name (docstring table), and the intermediate
+    l_g, x_g, x_r, l_ge that the critics' losses reuse (detached there).
+    """
+    E, Dec, G, C = (nets[k] for k in MIN_PLAYERS)
+    Dis, SC = nets["discriminator"], nets["self_critic"]
+    onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
+    with frozen(Dis, SC):
+        l_g = G(z, onehot)  # (N, latent)
+        x_g = Dec(l_g)  # generated images
+        l_ge = E(x_g)["y"]  # E(Dec(G(z, c)))
+        l_e = E(x)["y"]  # E(x)
+        x_r = Dec(l_e)  # reconstructions
+        terms = {
+            "rec": F.mse_loss(x_r, x),
+            "dec_gen": F.softplus(-Dis(x_g)).mean(),
+            "dec_rec": F.softplus(-Dis(x_r)).mean(),
+            "cls_gen": F.cross_entropy(C(l_g), c),
+            "cls_enc": F.cross_entropy(C(l_ge), c),
+            "enc_sc": F.softplus(-SC(l_ge, onehot)).mean(),
+        }
+    return terms, {"onehot": onehot, "l_g": l_g, "x_g": x_g, "x_r": x_r, "l_ge": l_ge}
+
+
+def min_player_loss(terms, alpha, beta, gamma):
+    """The weighted sum (the docstring says why these groups and weights)."""
+    return (terms["rec"] + alpha * (terms["dec_gen"] + terms["dec_rec"])
+            + beta * (terms["cls_gen"] + terms["cls_enc"]) + gamma * terms["enc_sc"])
+
+
+def critic_terms(nets, x, t):
+    """Dis: real images vs generated and reconstructed ones. SC: (l_g, c) real vs (l_ge, c)
+    fake. Inputs detached, so only Dis and SC get gradients."""
+    Dis, SC = nets["discriminator"], nets["self_critic"]
+    dis = F.softplus(-Dis(x)).mean() + 0.5 * (F.softplus(Dis(t["x_g"].detach())).mean()
+                                             + F.softplus(Dis(t["x_r"].detach())).mean())
+    sc = (F.softplus(-SC(t["l_g"].detach(), t["onehot"])).mean()
+          + F.softplus(SC(t["l_ge"].detach(), t["onehot"])).mean())
+    return {"dis": dis, "sc": sc}
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation and pictures
+# ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(*modules):
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(encoder, data, device, batch_size=500):
+    """Running BatchNorm statistics of E from real training images only. Training updates
+    them with real and generated batches alike; E is evaluated (and used by eval_probe.py) on
+    real images, so those statistics are the ones to keep. Training is unaffected (it
+    normalises with each batch's own statistics)."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+        m.train()
+    for x, _ in data.batches("train", batch_size):
+        encoder(x.to(device))
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
+def predict_clusters(encoder, classifier, data, split, device, batch_size=500):
+    """argmax C(E(x)) for every image of a split, and the labels (numpy)."""
+    preds, labels = [], []
+    with eval_mode(encoder, classifier):
+        for x, y in data.batches(split, batch_size):
+            preds.append(classifier(encoder(x.to(device))["y"]).argmax(1).cpu())
+            labels.append(y.cpu())
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def cluster_test_accuracy(nets, data, device):
+    recalibrate_batchnorm(nets["encoder"], data, device)
+    pred, labels = predict_clusters(nets["encoder"], nets["classifier"], data, "test", device)
+    return float(common.cluster_accuracy(pred, labels)), pred, labels
+
+
+def interpolation_pairs(labels, n_rows=10):
+    """Index pairs of test images: the first half between different classes, the second
+    between two images of one class (classes taken in turn)."""
+    classes = [int(k) for k in np.unique(labels)]
+    by_class = {k: np.flatnonzero(labels == k) for k in classes}
+    pairs = []
+    for i in range(n_rows // 2):
+        a, b = classes[i % len(classes)], classes[(i + 1) % len(classes)]
+        pairs.append((by_class[a][0], by_class[b][0]))
+    for i in range(n_rows - n_rows // 2):
+        idx = by_class[classes[(i + n_rows // 2) % len(classes)]]
+        pairs.append((idx[0], idx[min(1, len(idx) - 1)]))
+    return pairs
+
+
+def save_pictures(run, nets, data, args, device, n_cols=10):
+    """samples.png (row k: Dec(G(z, c=k)), one z per column), reconstructions.png (rows of
+    test images, each followed by its reconstruction), interpolation.png."""
+    E, Dec, G = nets["encoder"], nets["decoder"], nets["generator"]
+    with eval_mode(E, Dec, G):
+        k = args.categories
+        z = torch.rand(n_cols, args.z_dim, device=device).mul_(2).sub_(1).repeat(k, 1)
+        c = torch.arange(k, device=device).repeat_interleave(n_cols)
+        common.save_image_grid(Dec(G(z, F.one_hot(c, k).float())), run.path("samples.png"), n_cols)
+
+        x = data.preprocess(data.test_x[:64].to(device), train=False)
+        x_r = Dec(E(x)["y"])
+        rows = torch.stack([x.view(-1, 16, *x.shape[1:]), x_r.view(-1, 16, *x.shape[1:])], 1)
+        common.save_image_grid(rows.flatten(0, 2), run.path("reconstructions.png"), 16)
+
+        pairs = interpolation_pairs(data.test_y.cpu().numpy())
+        ends = data.preprocess(data.test_x[torch.tensor(pairs).flatten()].to(device), train=False)
+        l = E(ends)["y"].view(len(pairs), 2, -1)  # (rows, 2, latent)
+        t = torch.linspace(0, 1, n_cols, device=device)[None, :, None]
+        path = (1 - t) * l[:, :1] + t * l[:, 1:]  # (rows, n_cols, latent)
+        common.save_image_grid(Dec(path.flatten(0, 1)), run.path("interpolation.png"), n_cols)
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+def train(args):
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    data = common.load_data(args.dataset, args.data_root, device)
+    enc_cfg, nets = build_networks(args, data.image_shape)
+    for m in nets.values():
+        m.to(device)
+    adam = lambda names: torch.optim.Adam([p for k in names for p in nets[k].parameters()],
+                                          lr=args.lr, betas=(args.adam_beta1, 0.999))
+    optimizers = {"opt": adam(MIN_PLAYERS), "dis_opt": adam(["discriminator"]),
+                  "sc_opt": adam(["self_critic"])}
+
+    run_dir, start_epoch, step = common.resume_state(args, SCRIPT, nets, optimizers)
+    run = common.Run(SCRIPT, args, run_dir)
+    # compiled views for speed; the plain modules are what gets saved and frozen
+    fast = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}
+    print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
+          f"{len(data.train_x)} train / {len(data.test_x)} test  "
+          f"alpha={args.alpha} beta={args.beta} gamma={args.gamma}")
+
+    t0 = time.time()
+    stats, acc = {}, float("nan")
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps and step >= args.max_steps:
+            break
+        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
+        sums, n_steps = {}, 0
+        bar = common.progress(data.batches("train", args.batch_size, shuffle=True, generator=gen,
+                                           drop_last=True),
+                              total=data.n_batches("train", args.batch_size, drop_last=True),
+                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        for x, _ in bar:
+            z, c = sample_prior(len(x), args.z_dim, args.categories, device)
+            # E, Dec, G, C: one step on the weighted sum, Dis and SC frozen
+            with common.autocast(device, args.amp):
+                terms, t = min_player_terms(fast, x, z, c)
+                loss = min_player_loss(terms, args.alpha, args.beta, args.gamma)
+            common.check_finite(loss, step)
+            optimizers["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers["opt"].step()
+            # Dis and SC: one step each on their own loss (inputs detached)
+            with common.autocast(device, args.amp):
+                critics = critic_terms(fast, x, t)
+            for name, opt in (("dis", "dis_opt"), ("sc", "sc_opt")):
+                optimizers[opt].zero_grad(set_to_none=True)
+                critics[name].backward()
+                optimizers[opt].step()
+
+            step += 1
+            n_steps += 1
+            with torch.no_grad():
+                gen_acc = (nets["classifier"](t["l_g"].float()).argmax(1) == c).float().mean()
+            logs = {**terms, **critics, "loss": loss, "gen_acc": gen_acc}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix(rec=f"{terms['rec'].item():.3f}", dis=f"{critics['dis'].item():.2f}",
+                            cls=f"{terms['cls_enc'].item():.2f}")
+            if args.max_steps and step >= args.max_steps:
+                break
+        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        acc, _, _ = cluster_test_accuracy(nets, data, device)
+        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, cluster_acc=acc, **stats)
+        if args.no_progress:
+            print(f"epoch {epoch + 1}/{args.epochs}  step {step}  rec {stats['rec']:.4f}  "
+                  f"dis {stats['dis']:.3f}  cls_enc {stats['cls_enc']:.3f}  test cluster acc {acc:.4f}")
+        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=nets["encoder"],
+                               encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
+                               step=step, modules={k: m for k, m in nets.items() if k != "encoder"},
+                               optimizers=optimizers, extra={"cluster_acc": acc})
+
+    acc, pred, labels = cluster_test_accuracy(nets, data, device)
+    save_pictures(run, nets, data, args, device)
+    run.log(step=step, test_cluster_acc=acc, cluster_sizes=np.bincount(pred, minlength=args.categories).tolist())
+    common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
+                         **{k: stats[k] for k in ("rec", "dis", "sc", "cls_gen", "cls_enc") if k in stats},
+                         "test cluster acc": acc}],
+                       title=f"\nInfoAE (alpha={args.alpha}, beta={args.beta}, gamma={args.gamma}) "
+                             f"on {data.name}: argmax C(E(x)), Hungarian-matched")
+    print(f"pictures: {run.path('samples.png')}, reconstructions.png, interpolation.png")
+    print(f"checkpoint: {run.path('checkpoint.pt')}  (python eval_probe.py {run.path('checkpoint.pt')})")
+    return run
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

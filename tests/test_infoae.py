@@ -1,0 +1,232 @@
+"""InfoAE: which networks each loss term trains, that each term moves them the right way,
+and the script end to end (run folder, pictures, checkpoint, eval_probe's encoder, resume)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import infoae
+
+N = 16
+NETS = ("encoder", "decoder", "generator", "classifier", "discriminator", "self_critic")
+
+
+def small_args(**kw):
+    args = infoae.parse_args(["--width", "8", "--hidden", "64", "--latent-dim", "16", "--z-dim", "20"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return common.load_data("digits")
+
+
+def fresh(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = small_args(**kw)
+    _, nets = infoae.build_networks(args, (1, 32, 32))
+    return args, nets
+
+
+def batch(digits, args, seed=0, n_prior=N):
+    """N real images and n_prior draws of (z, c)."""
+    torch.manual_seed(seed)
+    x = digits.preprocess(digits.train_x[:N], train=True)
+    z, c = infoae.sample_prior(n_prior, args.z_dim, args.categories, "cpu")
+    return x, z, c
+
+
+def all_terms(nets, x, z, c):
+    terms, t = infoae.min_player_terms(nets, x, z, c)
+    return {**terms, **infoae.critic_terms(nets, x, t)}
+
+
+def grad_norms(nets):
+    return {k: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)
+            for k, m in nets.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient boundaries: each term reaches exactly the networks it trains
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("term", sorted(infoae.TRAINS))
+def test_each_term_trains_only_its_networks(digits, term):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    for m in nets.values():
+        m.zero_grad(set_to_none=True)
+    all_terms(nets, x, z, c)[term].backward()
+    norms = grad_norms(nets)
+    reached = {k for k, v in norms.items() if v > 0}
+    assert reached == infoae.TRAINS[term], (term, norms)
+    # untouched networks got no gradient tensor at all (not merely a zero one)
+    for k in set(NETS) - infoae.TRAINS[term]:
+        assert all(p.grad is None for p in nets[k].parameters()), (term, k)
+
+
+def test_critics_frozen_only_while_min_player_terms_are_built(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    terms, t = infoae.min_player_terms(nets, x, z, c)
+    # the graph of every min-player term leaves Dis and SC out ...
+    loss = infoae.min_player_loss(terms, 1.0, 1.0, 0.4)
+    params = {id(p) for k in ("discriminator", "self_critic") for p in nets[k].parameters()}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            assert id(fn.variable) not in params
+        stack.extend(f for f, _ in fn.next_functions)
+    # ... and the critics train again afterwards
+    assert all(p.requires_grad for k in NETS for p in nets[k].parameters())
+    # the tensors handed to the critics carry the min-players' graph; critic_terms detaches them
+    assert t["x_g"].requires_grad and t["l_ge"].requires_grad
+
+
+def test_weights_scale_the_documented_terms(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    terms, _ = infoae.min_player_terms(nets, x, z, c)
+    base = infoae.min_player_loss(terms, 0.0, 0.0, 0.0)
+    assert torch.allclose(base, terms["rec"])
+    a = infoae.min_player_loss(terms, 2.0, 0.0, 0.0) - base
+    b = infoae.min_player_loss(terms, 0.0, 3.0, 0.0) - base
+    g = infoae.min_player_loss(terms, 0.0, 0.0, 0.4) - base
+    assert torch.allclose(a, 2 * (terms["dec_gen"] + terms["dec_rec"]))
+    assert torch.allclose(b, 3 * (terms["cls_gen"] + terms["cls_enc"]))
+    assert torch.allclose(g, 0.4 * terms["enc_sc"])
+
+
+# ----------------------------------------------------------------------------------------
+# Each term moves its networks the right way (a few Adam steps on that term alone)
+# ----------------------------------------------------------------------------------------
+def steps_on(term, nets, make_batch, n_steps, lr=2e-3):
+    opt = torch.optim.Adam([p for k in infoae.TRAINS[term] for p in nets[k].parameters()], lr=lr)
+    for i in range(n_steps):
+        x, z, c = make_batch(i)
+        loss = all_terms(nets, x, z, c)[term]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def test_reconstruction_error_falls(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    measure = lambda: float(infoae.min_player_terms(nets, x, z, c)[0]["rec"].detach())
+    before = measure()
+    steps_on("rec", nets, lambda i: (x, z, c), 15)
+    assert measure() < 0.5 * before
+
+
+def test_classifier_recovers_c_from_generated_latents(digits):
+    args, nets = fresh()
+    z_eval, c_eval = infoae.sample_prior(256, args.z_dim, args.categories, "cpu")
+    acc = lambda: float((nets["classifier"](nets["generator"](
+        z_eval, F.one_hot(c_eval, 10).float())).argmax(1) == c_eval).float().mean())
+    before = acc()
+    steps_on("cls_gen", nets, lambda i: batch(digits, args, seed=i, n_prior=64), 60)
+    assert before < 0.3 and acc() > 0.7
+
+
+def test_encoder_recovers_c_from_generated_images(digits):
+    # C and G first learn c on latents; then cls_enc alone must teach E (and C) to read c back
+    # from the decoded images E(Dec(G(z, c))).
+    args, nets = fresh()
+    steps_on("cls_gen", nets, lambda i: batch(digits, args, seed=i, n_prior=64), 60)
+    x, z, c = batch(digits, args, seed=99, n_prior=64)
+
+    def acc():
+        with torch.no_grad():
+            terms, t = infoae.min_player_terms(nets, x, z, c)
+            return float((nets["classifier"](t["l_ge"]).argmax(1) == c).float().mean())
+    before = acc()
+    steps_on("cls_enc", nets, lambda i: batch(digits, args, seed=i, n_prior=64), 30)
+    assert acc() > before + 0.3
+
+
+def test_discriminator_learns_real_from_fake(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    before = float(all_terms(nets, x, z, c)["dis"].detach())
+    steps_on("dis", nets, lambda i: (x, z, c), 10)
+    after = float(all_terms(nets, x, z, c)["dis"].detach())
+    assert after < 0.5 * before
+
+
+def test_decoder_terms_fool_a_fixed_discriminator(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    steps_on("dis", nets, lambda i: (x, z, c), 10)  # a discriminator worth fooling
+    for term, image in (("dec_gen", "x_g"), ("dec_rec", "x_r")):
+        def score():
+            with torch.no_grad():
+                _, t = infoae.min_player_terms(nets, x, z, c)
+                nets["discriminator"].eval()
+                s = float(nets["discriminator"](t[image]).mean())
+                nets["discriminator"].train()
+                return s
+        before = score()
+        steps_on(term, nets, lambda i: (x, z, c), 10)
+        assert score() > before + 1.0, term  # Dis's logit on these images rises towards "real"
+
+
+def test_self_critic_and_encoder_play_their_sides(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+
+    def fake_logit():  # SC's logit on (E(Dec(G(z,c))), c)
+        with torch.no_grad():
+            _, t = infoae.min_player_terms(nets, x, z, c)
+            return float(nets["self_critic"](t["l_ge"], t["onehot"]).mean())
+    before = float(all_terms(nets, x, z, c)["sc"].detach())
+    steps_on("sc", nets, lambda i: (x, z, c), 30)
+    assert float(all_terms(nets, x, z, c)["sc"].detach()) < 0.5 * before  # SC separates the two
+    caught = fake_logit()
+    steps_on("enc_sc", nets, lambda i: (x, z, c), 10)
+    assert fake_logit() > caught + 1.0  # E moves l_ge to where SC says "real"
+
+
+# ----------------------------------------------------------------------------------------
+# The script end to end
+# ----------------------------------------------------------------------------------------
+def test_script_runs_saves_and_resumes(tmp_path):
+    flags = ["--width", "8", "--hidden", "64", "--batch-size", "32", "--no-progress",
+             "--out-dir", str(tmp_path)]
+    run = infoae.main(["--epochs", "1", "--max-steps", "3", *flags])
+    for name in ("args.json", "metrics.jsonl", "checkpoint.pt", "samples.png",
+                 "reconstructions.png", "interpolation.png"):
+        assert os.path.isfile(run.path(name)), name
+    lines = [json.loads(l) for l in open(run.path("metrics.jsonl"))]
+    assert 0.0 < lines[-1]["test_cluster_acc"] <= 1.0
+    assert sum(lines[-1]["cluster_sizes"]) == 360
+
+    ckpt = common.load_checkpoint(run.path("checkpoint.pt"))
+    assert ckpt["script"] == "infoae" and ckpt["step"] == 3
+    assert set(ckpt["modules"]) == set(NETS) - {"encoder"}
+    encoder = common.encoder_from_checkpoint(ckpt)  # what eval_probe.py does
+    out = encoder.eval()(torch.zeros(2, 1, 32, 32))
+    assert {"conv", "fc", "y"} <= set(out) and out["y"].shape == (2, 64)  # y is l_e
+
+    ckpt_path = run.path("checkpoint.pt")
+    resumed = infoae.main(["--epochs", "2", "--max-steps", "5", "--resume", ckpt_path, *flags])
+    assert resumed.dir == run.dir
+    assert common.load_checkpoint(ckpt_path)["step"] == 5
+    with pytest.raises(common.UserError):  # other flags than the original run
+        infoae.main(["--epochs", "3", "--width", "16", "--resume", ckpt_path, "--no-progress",
+                     "--out-dir", str(tmp_path)])
+
+
+def test_bad_flags_exit_with_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        infoae.parse_args(["--categories", "1"])
+    assert e.value.code == 2
+    assert "categories" in capsys.readouterr().err
