@@ -14,8 +14,31 @@ be unchanged afterwards. For every tap (`conv`, `fc`, `y` by default) it reports
   one-to-one matching of clusters to labels (Hungarian).
 Results are printed as a table and written to eval.json beside the checkpoint
 (eval-random-init.json for --random-init, eval-<dataset>.json for transfer).
+
+Deep InfoMax's other measures of a representation (Hjelm et al., ICLR 2019, arXiv:1808.06670,
+Table 4), each a flag, all on `--measure-tap` (default y) and stored under "measures":
+- --mine: MINE (Belghazi et al. 2018) estimate of I(X; y). A statistics network T(x, y)
+  (MLP on the flattened image concatenated with y, two 512-unit ReLU layers) is trained on the
+  training split to maximise the Donsker-Varadhan bound E_joint[T] - log E_marginal[e^T], with
+  MINE's moving average of E_marginal[e^T] in the gradient's denominator and a cosine-decaying
+  learning rate (the paper used a decaying schedule). Marginal pairs are (x_n, y_m), m != n.
+  Reported: the bound on the test split (and the training split), with the number of steps.
+- --ndm: neural dependency measure. A discriminator learns to tell y from y with every
+  dimension shuffled independently across the batch (the product of its marginals), with the
+  logistic loss; its logit is then used as T in the DV bound on the test split, estimating
+  KL(joint || product of marginals), the total correlation. About 0 for independent factors.
+- --msssim: a decoder (DCGAN generator shape) trained with mean squared error to reconstruct
+  x from the frozen y on the training split; reported: mean MS-SSIM on the test split
+  (common.ms_ssim: 3 scales and a 7x7 window for 32x32 images, see its docstring).
+- --tsne: t-SNE of the test features (at most 5000) drawn as a PNG beside the checkpoint,
+  one colour per label.
+Departures: the paper does not give the statistics networks' sizes, the step counts or the
+NDM discriminator's loss; the values here are flags.
+
+    python eval_probe.py runs/<run>/checkpoint.pt --probes linear --mine --ndm --msssim --tsne
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -46,6 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--out", default=None, help="where to write the JSON (default beside the checkpoint)")
+    p.add_argument("--measure-tap", default="y", help="tap measured by --mine/--ndm/--msssim/--tsne")
+    p.add_argument("--mine", action="store_true", help="MINE estimate of I(X; y) (slow)")
+    p.add_argument("--mine-steps", type=common.positive_int, default=3000, help="MINE training steps")
+    p.add_argument("--ndm", action="store_true", help="neural dependency measure of y's factors")
+    p.add_argument("--ndm-steps", type=common.positive_int, default=3000, help="NDM training steps")
+    p.add_argument("--msssim", action="store_true",
+                   help="MS-SSIM of a decoder trained to reconstruct x from y (slow)")
+    p.add_argument("--msssim-epochs", type=common.positive_int, default=20, help="decoder epochs")
+    p.add_argument("--tsne", action="store_true", help="t-SNE PNG of the test features")
     args = p.parse_args(argv)
     args.taps = [t for t in args.taps.split(",") if t]
     args.probes = [t for t in args.probes.split(",") if t]
@@ -85,6 +117,193 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k):
     return float(clf.fit(train_x[keep], train_y[keep]).score(test_x, test_y))
 
 
+def shuffled_pairs(n, generator=None, device="cpu"):
+    """Indices (i, j), i != j everywhere: x_i paired with y_j is a draw from the product of
+    the marginals (a random permutation against itself shifted by one)."""
+    perm = torch.randperm(n, generator=generator).to(device)
+    return perm, perm.roll(1)
+
+
+def shuffle_columns(f, generator=None):
+    """Every column of f permuted independently across the rows: same marginals, no dependence."""
+    order = torch.rand(f.shape, generator=generator).to(f.device).argsort(0)
+    return f.gather(0, order)
+
+
+def dv_estimate(t_joint, t_marginal):
+    """Donsker-Varadhan: mean T on joint samples minus log-mean-exp of T on marginal ones."""
+    return float(t_joint.mean() - (t_marginal.logsumexp(0) - math.log(len(t_marginal))))
+
+
+def mlp(din, hidden):
+    return nn.Sequential(nn.Linear(din, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 1))
+
+
+def mine_estimate(x_train, y_train, x_test, y_test, steps, prepare=lambda b: b, batch_size=256,
+                  lr=1e-4, hidden=512, ma_rate=0.01, seed=0, repeats=10):
+    """MINE estimate of I(X; Y) in nats from paired rows; `prepare` maps a batch of x rows to
+    floats (images are kept as uint8). Returns {"test", "train", "steps"}."""
+    torch.manual_seed(seed)
+    device = y_train.device
+    stat_net = mlp(prepare(x_train[:1]).flatten(1).shape[1] + y_train.shape[1], hidden).to(device)
+    opt = torch.optim.Adam(stat_net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    T = lambda x, y: stat_net(torch.cat([prepare(x).flatten(1).float(), y], 1)).squeeze(1)
+    moving_avg = None
+    for _ in range(steps):
+        idx = torch.randint(len(x_train), (min(batch_size, len(x_train)),), device=device)
+        i, j = shuffled_pairs(len(idx), device=device)
+        t_joint = T(x_train[idx], y_train[idx]).mean()
+        t_marginal = T(x_train[idx[i]], y_train[idx[j]])
+        mean_exp = t_marginal.logsumexp(0).sub(math.log(len(idx))).exp()
+        moving_avg = mean_exp.detach() if moving_avg is None else (
+            (1 - ma_rate) * moving_avg + ma_rate * mean_exp.detach())
+        # gradient of the DV bound with the biased 1/E[e^T] replaced by its moving average
+        loss = -(t_joint - mean_exp / moving_avg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    @torch.no_grad()
+    def bound(x, y):
+        joint = torch.cat([T(xb, yb) for xb, yb in zip(x.split(1024), y.split(1024))])
+        marginal = []
+        for _ in range(repeats):
+            i, j = shuffled_pairs(len(x), device=device)
+            marginal += [T(x[a], y[b]) for a, b in zip(i.split(1024), j.split(1024))]
+        return dv_estimate(joint, torch.cat(marginal))
+
+    stat_net.eval()
+    return {"test": bound(x_test, y_test), "train": bound(x_train, y_train), "steps": steps}
+
+
+def ndm_estimate(f_train, f_test, steps, batch_size=256, lr=1e-4, hidden=512, seed=0, repeats=10):
+    """Neural dependency measure: KL(joint || product of marginals) of the columns of f, by a
+    discriminator trained with the logistic loss and evaluated with the DV bound on f_test."""
+    torch.manual_seed(seed)
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6  # per-factor scaling leaves the KL as is
+    f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+    disc = mlp(f_train.shape[1], hidden).to(f_train.device)
+    opt = torch.optim.Adam(disc.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        batch = f_train[torch.randint(len(f_train), (min(batch_size, len(f_train)),),
+                                      device=f_train.device)]
+        loss = (F.softplus(-disc(batch)).mean() +  # joint: label 1
+                F.softplus(disc(shuffle_columns(batch))).mean())  # shuffled: label 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    disc.eval()
+    with torch.no_grad():
+        marginal = torch.cat([disc(shuffle_columns(f_test)) for _ in range(repeats)])
+        return {"test": dv_estimate(disc(f_test), marginal), "steps": steps}
+
+
+class Decoder(nn.Module):
+    """y -> image, the DCGAN generator's shape: Linear to 256 x s/8 x s/8, three 4x4/2
+    transposed convs 128 -> 64 -> C with BatchNorm and ReLU between, tanh output."""
+
+    def __init__(self, y_dim, image_shape):
+        super().__init__()
+        c, s, _ = image_shape
+        self.s = s // 8
+        self.fc = nn.Sequential(nn.Linear(y_dim, 256 * self.s ** 2), nn.BatchNorm1d(256 * self.s ** 2),
+                                nn.ReLU())
+        up = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+                                nn.BatchNorm2d(cout), nn.ReLU()]
+        self.net = nn.Sequential(*up(256, 128), *up(128, 64), nn.ConvTranspose2d(64, c, 4, 2, 1),
+                                 nn.Tanh())
+
+    def forward(self, y):
+        return self.net(self.fc(y).view(len(y), 256, self.s, self.s))
+
+
+def msssim_of_decoder(x_train, y_train, x_test, y_test, image_shape, epochs, prepare,
+                      batch_size=64, lr=1e-3, seed=0):
+    """Train a Decoder from y to x (MSE) on the training pairs; mean MS-SSIM on the test pairs."""
+    torch.manual_seed(seed)
+    mean, std = y_train.mean(0), y_train.std(0) + 1e-6
+    decoder = Decoder(y_train.shape[1], image_shape).to(y_train.device)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.5, 0.999))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_train), device=y_train.device).split(batch_size):
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            loss = F.mse_loss(decoder((y_train[idx] - mean) / std), prepare(x_train[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    decoder.eval()
+    with torch.no_grad():
+        scores = [common.ms_ssim(decoder((yb - mean) / std), prepare(xb))
+                  for xb, yb in zip(x_test.split(256), y_test.split(256))]
+    return {"test": float(torch.cat(scores).mean()), "epochs": epochs}
+
+
+def save_tsne(features, labels, path, seed=0, max_points=5000, size=640):
+    """2-D t-SNE of `features` drawn with PIL: one colour per label, a legend in the corner."""
+    from PIL import Image, ImageDraw
+    from sklearn.manifold import TSNE
+    keep = np.random.default_rng(seed).permutation(len(features))[:max_points]
+    features, labels = features[keep], labels[keep]
+    xy = TSNE(2, init="pca", perplexity=min(30.0, (len(features) - 1) / 3),
+              random_state=seed).fit_transform(features)
+    xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0) + 1e-12) * (size - 40) + 20
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for (px, py), label in zip(xy, labels):
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=palette[int(label) % len(palette)])
+    for i, label in enumerate(sorted(set(int(v) for v in labels))[:20]):
+        draw.rectangle([4, 4 + 12 * i, 12, 12 + 12 * i], fill=palette[label % len(palette)])
+        draw.text((16, 2 + 12 * i), str(label), fill="black")
+    image.save(path)
+
+
+@torch.no_grad()
+def paired_split(encoder, data, split, tap, device):
+    """uint8 images and their features (float, on the device), without augmentation."""
+    x, _ = data.split(split)
+    feats = [encoder(data.preprocess(b.to(device), train=False))[tap].flatten(1).float()
+             for b in x.split(256)]
+    return x.to(device), torch.cat(feats)
+
+
+def measures(args, encoder, data, device, suffix):
+    """The flags --mine, --ndm, --msssim, --tsne; each returns a dict stored in eval.json."""
+    out = {}
+    if not (args.mine or args.ndm or args.msssim or args.tsne):
+        return out
+    available = common.tap_shapes(encoder, data.image_shape, device)
+    if args.measure_tap not in available:
+        raise UserError(f"--measure-tap {args.measure_tap} is not a tap of this encoder; "
+                        f"choose one of {', '.join(available)}")
+    x_train, f_train = paired_split(encoder, data, "train", args.measure_tap, device)
+    x_test, f_test = paired_split(encoder, data, "test", args.measure_tap, device)
+    prepare = lambda b: data.preprocess(b, train=False)
+    if args.mine:
+        out["mine"] = mine_estimate(x_train, f_train, x_test, f_test, args.mine_steps,
+                                    prepare=prepare, seed=args.seed)
+    if args.ndm:
+        out["ndm"] = ndm_estimate(f_train, f_test, args.ndm_steps, seed=args.seed)
+    if args.msssim:
+        out["msssim"] = msssim_of_decoder(x_train, f_train, x_test, f_test, data.image_shape,
+                                          args.msssim_epochs, prepare, seed=args.seed)
+    if args.tsne:
+        path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                            f"tsne-{args.measure_tap}{suffix}.png")
+        save_tsne(f_test.cpu().numpy(), data.test_y.cpu().numpy(), path, seed=args.seed)
+        out["tsne"] = {"png": path}
+    for v in out.values():
+        v["tap"] = args.measure_tap
+    return out
+
+
 def load_encoder(args, device):
     ckpt = common.load_checkpoint(args.checkpoint)
     if args.random_init:
@@ -116,8 +335,6 @@ def evaluate(args):
         raise UserError(f"none of the taps {args.taps} exist; this encoder has {', '.join(available)}")
     train_f, train_y = common.extract_features(encoder, data, "train", taps, device=device)
     test_f, test_y = common.extract_features(encoder, data, "test", taps, device=device)
-    for k, v in encoder.state_dict().items():  # frozen means frozen, BatchNorm buffers included
-        assert torch.equal(v, before[k]), f"encoder weight {k} changed during evaluation"
 
     rows = []
     for tap in taps:
@@ -133,23 +350,33 @@ def evaluate(args):
         if "kmeans" in args.probes:
             row["kmeans"] = common.kmeans_accuracy(vx, test_y, data.n_classes, args.seed)
         rows.append(row)
-    return ckpt, dataset, rows
+    extra = measures(args, encoder, data, device, output_suffix(args, dataset, ckpt))
+    for k, v in encoder.state_dict().items():  # frozen means frozen, BatchNorm buffers included
+        assert torch.equal(v, before[k]), f"encoder weight {k} changed during evaluation"
+    return ckpt, dataset, rows, extra
+
+
+def output_suffix(args, dataset, ckpt):
+    suffix = "-random-init" if args.random_init else ""
+    return suffix + (f"-{dataset}" if dataset != ckpt["dataset"] else "")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt, dataset, rows = evaluate(args)
+    ckpt, dataset, rows, extra = evaluate(args)
     kind = "random-init encoder" if args.random_init else f"{ckpt['script']} encoder"
     common.print_table(rows, title=f"{kind} ({ckpt['encoder_cfg']['arch']}) on {dataset}, test accuracy")
-    if args.out:
-        out = args.out
-    else:
-        suffix = "-random-init" if args.random_init else ""
-        suffix += f"-{dataset}" if dataset != ckpt["dataset"] else ""
-        out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval{suffix}.json")
+    if extra:
+        common.print_table([{"measure": k, "test": m["test"], "train": m.get("train", "-"),
+                             "budget": f"{m['steps']} steps" if "steps" in m else f"{m['epochs']} epochs"}
+                            for k, m in extra.items() if k != "tsne"], title=f"measures of {args.measure_tap}")
+        if "tsne" in extra:
+            print(f"t-SNE: {extra['tsne']['png']}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval{output_suffix(args, dataset, ckpt)}.json")
     result = {"checkpoint": os.path.abspath(args.checkpoint), "script": ckpt["script"],
               "dataset": dataset, "random_init": args.random_init, "epoch": ckpt["epoch"],
-              "step": ckpt["step"], "results": rows}
+              "step": ckpt["step"], "results": rows, "measures": extra}
     common.atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result
