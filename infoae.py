@@ -43,12 +43,13 @@ weigh the losses and that alpha = 1, beta = 1, gamma = 0.4 worked best. The choi
 - Only the minimising side is weighted. Dis and SC each have one loss and their own Adam,
   which is invariant to a constant factor on the loss, so a weight there would do nothing.
 - The four groups of the minimising side are: reconstruction (the autoencoder, kept at
-  weight 1 as the unit), the image-adversarial terms (alpha), the information terms (beta,
-  InfoGAN's lambda, which is also 1 there for a categorical code), and the encoder's
-  self-critic term (gamma). gamma < 1 on the self-critic matches the paper's remark that
-  training is sensitive to these weights: it is the term that pulls E towards G's latent
-  distribution against the reconstruction of real images, and a strong pull early on (when
-  SC separates the two sets trivially) makes E discard what it needs to reconstruct x.
+  weight 1 as the unit), the image-adversarial terms dec_gen + dec_rec (alpha), the
+  information terms cls_gen + cls_enc (beta, InfoGAN's lambda, also 1 there for a
+  categorical code), and the self-critic term enc_sc (gamma). The smallest weight, 0.4, goes
+  to the self-critic because it is the one adversarial term in latent space and asks only
+  for agreement between E(Dec(l_g)) and l_g, which cls_enc already pushes towards; early on,
+  when SC tells the two apart trivially, its gradient would otherwise dominate E's. This
+  is our reading, not the paper's statement.
 All three are flags.
 
 Where this script fills gaps in or departs from the paper:
@@ -62,11 +63,12 @@ Where this script fills gaps in or departs from the paper:
 - E's running BatchNorm statistics are recomputed on real training images before every
   evaluation and checkpoint (training mixes real and generated batches into them; E is used
   on real images). This does not change training, which uses each batch's own statistics.
-- Dis gets a minibatch-spread channel (the batch's feature standard deviation, as in
-  progressive GANs) before its last layer: without it the decoder learns to ignore z and
-  draws one image per category.
+- Dis's last layer also reads the batch's spread (the standard deviation over the batch of
+  its first layer's features, averaged; progressive GANs' minibatch statistic, taken before
+  BatchNorm, which would hide it): without it the decoder learns to ignore z and draws one
+  image per category, which Dis, judging images one at a time, cannot see.
 - Unspecified by the paper: latent size 64 (--latent-dim), z ~ Uniform(-1, 1)^100, Adam
-  beta1 = 0.5 (the usual GAN setting), mean squared error for reconstruction, batch 64.
+  beta1 = 0.5 (the usual GAN setting), mean squared error for reconstruction, batch 32.
 - Evaluation: test images are clustered by argmax C(E(x)) with E in eval mode and matched
   one-to-one to the labels (Hungarian); the paper reports 98.9% +- 0.1 on MNIST. k-means on
   raw digits pixels gets about 79%.
@@ -91,7 +93,7 @@ SCRIPT = "infoae"
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description="Information Maximizing Autoencoder (InfoAE)")
-    common.add_common_args(p, epochs=None, batch_size=64, lr=2e-4)
+    common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
     p.add_argument("--alpha", type=common.nonneg_float, default=1.0,
                    help="weight of the decoder's image-adversarial losses on generated and "
                         "reconstructed images (alpha, Eq. 1)")
@@ -169,23 +171,25 @@ class Classifier(nn.Module):
 
 class ImageDiscriminator(nn.Module):
     """Dis: image -> real/fake logit. conv 4x4/2 w (leaky ReLU) -> conv 2w (BN) -> conv 4w
-    (BN) -> [+ minibatch std channel] -> linear 1."""
+    (BN) -> linear 1, whose input also gets the batch's spread after the first layer."""
 
     def __init__(self, in_channels, image_size, width, slope=0.2):
         super().__init__()
         w, s = width, image_size // 8
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True),
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.rest = nn.Sequential(
             nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(slope, inplace=True),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(slope, inplace=True))
-        self.out = nn.Linear((4 * w + 1) * s * s, 1)
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(slope, inplace=True),
+            nn.Flatten())
+        self.out = nn.Linear(4 * w * s * s + 1, 1)
 
     def forward(self, x):
-        h = self.convs(x)
-        # one extra channel: the batch's feature spread, so a batch of near-copies (a decoder
-        # ignoring z) is told from a varied real batch
-        spread = h.std(0, unbiased=False).mean().expand(len(h), 1, *h.shape[2:])
-        return self.out(torch.cat([h, spread], 1).flatten(1)).squeeze(-1)
+        h = self.c1(x)
+        # minibatch spread: how much the batch varies, taken before any BatchNorm (which
+        # would rescale a batch of near-copies back to unit variance). A decoder that ignores
+        # z draws near-copies; a real batch varies.
+        spread = h.std(0, unbiased=False).mean().expand(len(h), 1)
+        return self.out(torch.cat([self.rest(h), spread], 1)).squeeze(-1)
 
 
 class SelfCritic(nn.Module):
