@@ -1,0 +1,356 @@
+"""InfoGAN: a GAN whose generator inputs include codes that a network Q must recover.
+
+Chen, Duan, Houthooft, Schulman, Sutskever, Abbeel. "InfoGAN: Interpretable Representation
+Learning by Information Maximizing Generative Adversarial Nets", NeurIPS 2016,
+arXiv:1606.03657.
+
+    min_{G,Q} max_D  V_GAN(D, G) - lambda * L_I(G, Q),   L_I = E_{c, x=G(z,c)}[log Q(c|x)] + H(c)
+
+L_I is a variational lower bound on I(c; G(z, c)). Categorical codes use Q's softmax (their
+term is minus a cross-entropy), continuous codes a factored Gaussian Q(c|x) with a learned
+mean and log-variance per code. This script minimises the *information loss*
+lambda_cat * CE + lambda_cont * Gaussian NLL = -(L_I - H(c)) summed over codes, so a Q that
+recovers the codes gives a lower loss. D and Q share a trunk (common.InfoGANEncoder, saved
+as the run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's 128-d
+hidden layer). At the end the test images are clustered by argmax Q(c_cat | x) and scored
+with the best one-to-one matching of categories to labels (paper: ~95% on MNIST).
+
+    python infogan.py                            # digits, CPU: ~? min, clustering accuracy ~?
+    python infogan.py --dataset mnist --epochs 50
+    python infogan.py --dataset svhn --n-cat 4 --n-cont 4 --noise-dim 124
+
+Where this script fills gaps in or departs from the paper:
+- Images are 32x32 (MNIST is padded from 28), so G's first map is 8x8 (the paper's 7x7)
+  and G ends in tanh, since the data live in [-1, 1]. Leaky ReLU slope 0.1.
+- D's loss is the usual binary cross-entropy; G uses the non-saturating loss. D (trunk and
+  its head) and Q are updated together on a detached fake batch with
+  V_D + lambda * info loss, at lr 2e-4 for D and 1e-3 for Q; G is then updated with its GAN
+  loss + lambda * info loss at 1e-3. The trunk thus learns from both D's and Q's objectives.
+- The trunk sees each real batch and fake batch concatenated into one batch, in D's step and
+  in G's, so BatchNorm normalises both with the same statistics. With separate batches (the
+  usual DCGAN practice) the BatchNorm just before D's linear head removes most of what tells
+  a real batch from a fake one, and D took hundreds of steps to learn anything on digits.
+- Weights are initialised as in DCGAN (N(0, 0.02)); PyTorch's default saturates G's tanh.
+- The continuous codes' Gaussian has a learned log-variance, clamped to [-8, 4].
+- Traversal grid (paper Fig. 2): one fixed noise vector z, one row per value of the first
+  categorical code (the other categorical codes at 0), columns sweeping each continuous code
+  from -2 to 2 in turn (the others at 0). Without continuous codes the columns show
+  different fixed noise instead.
+- Default epochs: 50 for MNIST-sized data (the paper does not say), ? for the bundled digits
+  so the first run takes a few minutes on a laptop CPU.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description="InfoGAN with categorical and continuous codes")
+    common.add_common_args(p, epochs=None, batch_size=64, lr=2e-4)
+    p.add_argument("--lr-g", type=float, default=1e-3, help="Adam learning rate of G and Q "
+                   "(--lr is D's)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--noise-dim", type=int, default=62, help="size of the incompressible noise z")
+    p.add_argument("--n-cat", type=int, default=1, help="number of categorical codes c_cat")
+    p.add_argument("--cat-dim", type=int, default=10, help="categories per categorical code (K)")
+    p.add_argument("--n-cont", type=int, default=2,
+                   help="number of continuous codes c_cont ~ Uniform(-1, 1)")
+    p.add_argument("--lambda-cat", type=common.nonneg_float, default=1.0,
+                   help="weight of the categorical codes' information term (lambda)")
+    p.add_argument("--lambda-cont", type=common.nonneg_float, default=0.1,
+                   help="weight of the continuous codes' information term (lambda)")
+    p.add_argument("--traversal-steps", type=common.positive_int, default=9,
+                   help="columns per continuous code in the traversal grid (-2 .. 2)")
+    p.add_argument("--image-every", type=common.positive_int, default=1,
+                   help="write the PNG grids every this many epochs (and after the last)")
+    args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = {"digits": 60}.get(args.dataset, 50)
+    if args.noise_dim < 0 or args.n_cat < 0 or args.n_cont < 0:
+        p.error("--noise-dim, --n-cat and --n-cont must be >= 0")
+    if args.n_cat and args.cat_dim < 2:
+        p.error("--cat-dim must be at least 2")
+    if args.n_cat + args.n_cont == 0:
+        p.error("--n-cat and --n-cont are both 0: there is no code for Q to recover")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# The method: codes, G, D and Q heads, information loss
+# ----------------------------------------------------------------------------------------
+class Codes:
+    """Layout of G's input [z, one-hot c_cat_1 .. c_cat_n, c_cont_1 .. c_cont_m]."""
+
+    def __init__(self, noise_dim, n_cat, cat_dim, n_cont):
+        self.noise_dim, self.n_cat, self.cat_dim, self.n_cont = noise_dim, n_cat, cat_dim, n_cont
+        self.input_dim = noise_dim + n_cat * cat_dim + n_cont
+
+    def sample(self, n, device, generator=None):
+        """z ~ N(0, I), c_cat ~ Uniform{0..K-1} (N, n_cat) int, c_cont ~ U(-1, 1) (N, n_cont)."""
+        z = torch.randn(n, self.noise_dim, generator=generator).to(device)
+        cat = torch.randint(0, self.cat_dim, (n, self.n_cat), generator=generator).to(device)
+        cont = (torch.rand(n, self.n_cont, generator=generator) * 2 - 1).to(device)
+        return z, cat, cont
+
+    def gen_input(self, z, cat, cont):
+        onehot = F.one_hot(cat, self.cat_dim).float().flatten(1)  # (N, n_cat * K)
+        return torch.cat([z, onehot, cont], 1)
+
+
+class Generator(nn.Module):
+    """fc 1024 (BN, ReLU) -> fc 128*(H/4)^2 (BN, ReLU) -> upconv 4x4/2 64 (BN, ReLU) ->
+    upconv 4x4/2 C, tanh. The paper's MNIST G with 7x7 -> 8x8 for 32x32 images."""
+
+    def __init__(self, input_dim, out_channels=1, image_size=32):
+        super().__init__()
+        self.s = image_size // 4
+        self.fc = nn.Sequential(
+            nn.Linear(input_dim, 1024, bias=False), nn.BatchNorm1d(1024), nn.ReLU(inplace=True),
+            nn.Linear(1024, 128 * self.s * self.s, bias=False), nn.BatchNorm1d(128 * self.s * self.s),
+            nn.ReLU(inplace=True))
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(64, out_channels, 4, 2, 1), nn.Tanh())
+
+    def forward(self, g_in):
+        return self.up(self.fc(g_in).view(-1, 128, self.s, self.s))
+
+
+class DHead(nn.Module):
+    """D's real/fake logit from the trunk's 1024-d fc tap."""
+
+    def __init__(self, fc_dim=1024):
+        super().__init__()
+        self.out = nn.Linear(fc_dim, 1)
+
+    def forward(self, fc):
+        return self.out(fc).squeeze(-1)
+
+
+class QHead(nn.Module):
+    """Q's code outputs from its 128-d hidden layer (the encoder's y): logits for every
+    categorical code, and a mean and log-variance for every continuous code."""
+
+    def __init__(self, codes, y_dim=128):
+        super().__init__()
+        self.codes = codes
+        self.out = nn.Linear(y_dim, codes.n_cat * codes.cat_dim + 2 * codes.n_cont)
+
+    def forward(self, y):
+        c = self.codes
+        h = self.out(y).float()
+        logits = h[:, :c.n_cat * c.cat_dim].view(-1, c.n_cat, c.cat_dim)  # (N, n_cat, K)
+        mu, logvar = h[:, c.n_cat * c.cat_dim:].chunk(2, dim=1)  # (N, n_cont) each
+        return logits, mu, logvar.clamp(-8, 4)
+
+
+def info_loss(q_out, cat, cont, lambda_cat, lambda_cont):
+    """lambda_cat * CE(c_cat) + lambda_cont * Gaussian NLL(c_cont), summed over codes and
+    averaged over the batch: minus the information lower bound L_I up to the constant H(c).
+    Returns (weighted loss, categorical CE, continuous NLL) with the parts unweighted."""
+    logits, mu, logvar = q_out
+    zero = logits.new_zeros(())
+    ce = (F.cross_entropy(logits.flatten(0, 1), cat.flatten(), reduction="sum") / len(cat)
+          if cat.shape[1] else zero)
+    nll = ((0.5 * (logvar + np.log(2 * np.pi) + (cont - mu) ** 2 / logvar.exp())).sum(1).mean()
+           if cont.shape[1] else zero)
+    return lambda_cat * ce + lambda_cont * nll, ce, nll
+
+
+def traversal_inputs(codes, z, steps, lo=-2.0, hi=2.0):
+    """G inputs for the traversal grid, row-major: (rows * cols, input_dim) and (rows, cols).
+
+    Row r sets the first categorical code to r (the others to 0); the columns sweep
+    continuous code j over `steps` values in [lo, hi] for j = 0 .. n_cont-1 in turn (the
+    other continuous codes 0). `z` is (1, noise_dim), shared by the whole grid; without
+    continuous codes, `z` is (steps, noise_dim) and the columns show those noise vectors.
+    """
+    rows = codes.cat_dim if codes.n_cat else 1
+    cols = codes.n_cont * steps if codes.n_cont else steps
+    cat = torch.zeros(rows, cols, codes.n_cat, dtype=torch.long, device=z.device)
+    if codes.n_cat:
+        cat[:, :, 0] = torch.arange(rows, device=z.device)[:, None]
+    cont = torch.zeros(rows, cols, codes.n_cont, device=z.device)
+    sweep = torch.linspace(lo, hi, steps, device=z.device)
+    for j in range(codes.n_cont):
+        cont[:, j * steps:(j + 1) * steps, j] = sweep
+    zz = z.expand(rows, cols, -1) if codes.n_cont else z[None].expand(rows, -1, -1)
+    g_in = codes.gen_input(zz.reshape(rows * cols, -1), cat.view(rows * cols, -1),
+                           cont.view(rows * cols, -1))
+    return g_in, (rows, cols)
+
+
+@torch.no_grad()
+def write_grids(generator, codes, fixed, run, epoch, steps):
+    """The traversal grid and a 10x10 grid of random samples, both with fixed inputs."""
+    was_training = generator.training
+    generator.eval()
+    g_in, (rows, cols) = traversal_inputs(codes, fixed["traversal_z"], steps)
+    common.save_image_grid(generator(g_in), run.path(f"traversal_epoch{epoch:03d}.png"), nrow=cols)
+    common.save_image_grid(generator(codes.gen_input(*fixed["samples"])),
+                           run.path(f"samples_epoch{epoch:03d}.png"), nrow=10)
+    generator.train(was_training)
+
+
+@torch.no_grad()
+def cluster_accuracies(encoder, q_head, data, device, split="test"):
+    """Clustering accuracy of argmax Q(c_cat | x) for every categorical code: each code's
+    categories matched one-to-one to the labels (Hungarian), unmatched ones counted wrong."""
+    was_training = encoder.training
+    encoder.eval()
+    preds, labels = [], []
+    for x, y in data.batches(split, 256):
+        logits, _, _ = q_head(encoder(x.to(device))["y"])
+        preds.append(logits.argmax(-1).cpu())  # (B, n_cat)
+        labels.append(y.cpu())
+    encoder.train(was_training)
+    preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return [float(common.cluster_accuracy(preds[:, i], labels)) for i in range(preds.shape[1])]
+
+
+def dcgan_init(module):
+    """Weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0 (DCGAN's recipe, which
+    InfoGAN's networks follow); PyTorch's default init saturates G's tanh at the start."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+def set_requires_grad(modules, flag):
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+def train(args):
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    data = common.load_data(args.dataset, args.data_root, device)
+    c, h, w = data.image_shape
+    if h != w or h % 4:
+        raise UserError(f"InfoGAN expects square images with a side divisible by 4, got {h}x{w}")
+    codes = Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
+    enc_cfg = common.encoder_config("infogan", data.image_shape, y_dim=128)
+    encoder = common.build_encoder(enc_cfg).to(device)  # D/Q trunk + Q's hidden layer
+    generator = Generator(codes.input_dim, c, h).to(device)
+    d_head = DHead().to(device)
+    q_head = QHead(codes).to(device)
+    for m in (encoder, generator, d_head, q_head):
+        dcgan_init(m)
+    q_params = list(encoder.q_hidden.parameters()) + list(q_head.parameters())
+    d_params = [p for n, p in encoder.named_parameters() if not n.startswith("q_hidden.")]
+    betas = (args.beta1, 0.999)
+    optimizers = {
+        "opt_dq": torch.optim.Adam([{"params": d_params + list(d_head.parameters()), "lr": args.lr},
+                                    {"params": q_params, "lr": args.lr_g}], betas=betas),
+        "opt_g": torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=betas),
+    }
+    nets = {"generator": generator, "d_head": d_head, "q_head": q_head}
+    run_dir, start_epoch, step = common.resume_state(args, "infogan", {"encoder": encoder, **nets},
+                                                     optimizers)
+    run = common.Run("infogan", args, run_dir)
+    enc = common.maybe_compile(encoder, args.compile)
+    gen = common.maybe_compile(generator, args.compile)
+    # fixed inputs for the pictures, the same after --resume
+    g = torch.Generator().manual_seed(args.seed + 12345)
+    fixed = {"traversal_z": torch.randn(1 if args.n_cont else args.traversal_steps,
+                                        args.noise_dim, generator=g).to(device),
+             "samples": codes.sample(100, device, generator=g)}
+    print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
+          f"{len(data.train_x)} train / {len(data.test_x)} test  codes: {args.n_cat} x Cat({args.cat_dim})"
+          f" + {args.n_cont} x U(-1,1) + z {args.noise_dim}")
+
+    lam = dict(lambda_cat=args.lambda_cat, lambda_cont=args.lambda_cont)
+    t0 = time.time()
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps and step >= args.max_steps:
+            break
+        shuffle_gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        sums, n_steps = {}, 0
+        bar = common.progress(data.batches("train", args.batch_size, shuffle=True,
+                                           generator=shuffle_gen, drop_last=True),
+                              total=data.n_batches("train", args.batch_size, drop_last=True),
+                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        for x, _ in bar:
+            n = len(x)
+            z, cat, cont = codes.sample(n, device)
+            # D and Q: real vs detached fake in one batch, and recover the fake's codes
+            with common.autocast(device, args.amp):
+                fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
+                out = enc(torch.cat([x, fake.detach()]))  # one batch: shared BatchNorm statistics
+                d_real, d_fake = d_head(out["fc"]).float().split(n)
+                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                i_loss, ce, nll = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
+                dq_loss = d_loss + i_loss
+            common.check_finite(dq_loss, step)
+            optimizers["opt_dq"].zero_grad(set_to_none=True)
+            dq_loss.backward()
+            optimizers["opt_dq"].step()
+
+            # G: fool D (non-saturating) and make the codes recoverable by Q
+            set_requires_grad([encoder, d_head, q_head], False)
+            with common.autocast(device, args.amp):
+                out = enc(torch.cat([x, fake]))  # the batch D was trained on, so the same statistics
+                g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
+                g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
+                g_loss = g_gan + g_info
+            common.check_finite(g_loss, step)
+            optimizers["opt_g"].zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizers["opt_g"].step()
+            set_requires_grad([encoder, d_head, q_head], True)
+
+            step += 1
+            n_steps += 1
+            logs = {"d_loss": d_loss, "g_gan": g_gan, "info_loss": i_loss, "cat_ce": ce,
+                    "cont_nll": nll, "d_real": torch.sigmoid(d_real).mean(),
+                    "d_fake": torch.sigmoid(d_fake).mean()}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_gan.item():.3f}", ce=f"{ce.item():.3f}")
+            if args.max_steps and step >= args.max_steps:
+                break
+        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        if args.n_cat:  # I(c_cat; x) >= H(c_cat) - CE, in nats
+            stats["mi_cat_lower_bound"] = args.n_cat * np.log(args.cat_dim) - stats["cat_ce"]
+            stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
+        last = epoch + 1 == args.epochs or (args.max_steps and step >= args.max_steps)
+        if (epoch + 1) % args.image_every == 0 or last:
+            write_grids(generator, codes, fixed, run, epoch + 1, args.traversal_steps)
+        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+        common.save_checkpoint(run.path("checkpoint.pt"), script="infogan", encoder=encoder,
+                               encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
+                               step=step, modules=nets, optimizers=optimizers)
+
+    summary = {"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
+               **{k: stats[k] for k in ("d_loss", "g_gan", "cat_ce", "cont_nll") if k in stats}}
+    if args.n_cat:
+        accs = cluster_accuracies(encoder, q_head, data, device)
+        run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs)
+        summary["cluster acc (argmax Q)"] = accs[0]
+    common.print_table([summary], title=f"\nInfoGAN ({args.n_cat} x Cat({args.cat_dim}) + "
+                                        f"{args.n_cont} continuous) on {data.name}")
+    print(f"checkpoint: {run.path('checkpoint.pt')}  (python eval_probe.py {run.path('checkpoint.pt')})")
+    return run
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

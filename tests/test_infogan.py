@@ -1,0 +1,125 @@
+"""InfoGAN: the information loss's sign, the traversal grid's layout, and a short real run
+in which Q learns to recover the codes G was given (with checkpoint, eval format, resume)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import infogan
+
+
+def test_info_loss_is_lower_when_q_recovers_the_codes():
+    g = torch.Generator().manual_seed(0)
+    codes = infogan.Codes(noise_dim=4, n_cat=2, cat_dim=10, n_cont=3)
+    _, cat, cont = codes.sample(256, "cpu", generator=g)
+    right_logits = 5 * F.one_hot(cat, 10).float()  # (N, 2, 10) peaked on the true category
+    wrong_logits = 5 * F.one_hot((cat + 3) % 10, 10).float()
+    logvar = torch.full_like(cont, -2.0)
+    right = infogan.info_loss((right_logits, cont, logvar), cat, cont, 1.0, 0.1)
+    wrong = infogan.info_loss((wrong_logits, -cont, logvar), cat, cont, 1.0, 0.1)
+    uniform = infogan.info_loss((torch.zeros_like(right_logits), torch.zeros_like(cont),
+                                 torch.zeros_like(cont)), cat, cont, 1.0, 0.1)
+    assert right[0] < uniform[0] < wrong[0]
+    assert right[1] < wrong[1] and right[2] < wrong[2]  # both parts, not only their sum
+    # an uninformative Q gives CE = H(c) = n_cat * log K exactly: the MI bound H - CE is 0
+    assert uniform[1].item() == pytest.approx(2 * math.log(10), rel=1e-5)
+    # Gaussian NLL of a standard normal Q: 0.5 * (log 2 pi + c^2), summed over the 3 codes
+    assert uniform[2].item() == pytest.approx((0.5 * (math.log(2 * math.pi) + cont ** 2)).sum(1).mean().item(), rel=1e-5)
+    # the weights scale each part
+    only_cont = infogan.info_loss((wrong_logits, cont, logvar), cat, cont, 0.0, 1.0)
+    assert only_cont[0].item() == pytest.approx(right[2].item(), rel=1e-5)
+
+
+def test_descending_the_info_loss_moves_q_toward_the_true_codes():
+    cat = torch.tensor([[3]])
+    cont = torch.tensor([[0.7]])
+    logits = torch.zeros(1, 1, 10, requires_grad=True)
+    mu = torch.zeros(1, 1, requires_grad=True)
+    loss, _, _ = infogan.info_loss((logits, mu, torch.zeros(1, 1)), cat, cont, 1.0, 0.1)
+    loss.backward()
+    assert logits.grad[0, 0, 3] < 0 and (logits.grad[0, 0, torch.arange(10) != 3] > 0).all()
+    assert mu.grad.item() < 0  # gradient descent raises mu toward c = 0.7
+
+
+def test_traversal_grid_layout():
+    codes = infogan.Codes(noise_dim=5, n_cat=2, cat_dim=10, n_cont=3)
+    z = torch.randn(1, 5)
+    g_in, (rows, cols) = infogan.traversal_inputs(codes, z, steps=7)
+    assert (rows, cols) == (10, 21)
+    grid = g_in.view(rows, cols, -1)
+    assert torch.equal(grid[..., :5], z.expand(rows, cols, 5))  # one fixed noise vector
+    cat1 = grid[..., 5:15].argmax(-1)
+    assert torch.equal(cat1, torch.arange(10)[:, None].expand(10, 21))  # row r: category r
+    assert (grid[..., 15:25].argmax(-1) == 0).all()  # the second categorical code held at 0
+    cont = grid[..., 25:]
+    sweep = torch.linspace(-2, 2, 7)
+    for j in range(3):
+        block = cont[:, j * 7:(j + 1) * 7]
+        assert torch.allclose(block[..., j], sweep.expand(10, 7))
+        assert (block[..., [k for k in range(3) if k != j]] == 0).all()
+    # G maps it to one image per cell, at the data's channels and size
+    gen = infogan.Generator(codes.input_dim, out_channels=3, image_size=32).eval()
+    with torch.no_grad():
+        assert gen(g_in).shape == (rows * cols, 3, 32, 32)
+
+
+def test_traversal_without_continuous_codes_sweeps_the_noise():
+    codes = infogan.Codes(noise_dim=5, n_cat=1, cat_dim=4, n_cont=0)
+    z = torch.randn(6, 5)
+    g_in, (rows, cols) = infogan.traversal_inputs(codes, z, steps=6)
+    assert (rows, cols) == (4, 6)
+    assert torch.equal(g_in.view(4, 6, -1)[..., :5], z.expand(4, 6, 5))
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        infogan.parse_args(["--n-cat", "0", "--n-cont", "0"])
+    assert e.value.code == 2
+    assert "no code for Q to recover" in capsys.readouterr().err
+
+
+def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
+    common_flags = ["--no-progress", "--out-dir", str(tmp_path), "--batch-size", "32",
+                    "--traversal-steps", "5"]
+    run = infogan.main(common_flags + ["--epochs", "1", "--max-steps", "30"])
+    ckpt_path = run.path("checkpoint.pt")
+    assert os.path.exists(run.path("traversal_epoch001.png"))
+    assert os.path.exists(run.path("samples_epoch001.png"))
+    from PIL import Image
+    with Image.open(run.path("traversal_epoch001.png")) as im:  # 10 rows x 2*5 columns of 32+2 px
+        assert im.size == (2 + 10 * 34, 2 + 10 * 34)
+
+    # resume: continues the step count in the same folder
+    run2 = infogan.main(common_flags + ["--epochs", "2", "--max-steps", "60", "--resume", ckpt_path])
+    assert run2.dir == run.dir
+    lines = [json.loads(l) for l in open(run.path("metrics.jsonl"))]
+    assert [l["step"] for l in lines if "epoch" in l] == [30, 60]
+    final = lines[-1]
+    assert 0.0 <= final["cluster_acc"] <= 1.0 and len(final["cluster_acc_per_code"]) == 1
+
+    # the checkpoint alone rebuilds the encoder (as eval_probe.py does) with the promised taps
+    ckpt = common.load_checkpoint(ckpt_path)
+    assert ckpt["step"] == 60 and ckpt["encoder_cfg"]["arch"] == "infogan"
+    encoder = common.encoder_from_checkpoint(ckpt).eval()
+    shapes = common.tap_shapes(encoder, (1, 32, 32))
+    assert shapes["conv"] == (128, 8, 8) and shapes["fc"] == (1024,) and shapes["y"] == (128,)
+
+    # Q recovers the codes of fresh samples from G far better than chance
+    codes = infogan.Codes(62, 1, 10, 2)
+    gen = infogan.Generator(codes.input_dim, 1, 32)
+    gen.load_state_dict(ckpt["modules"]["generator"])
+    q_head = infogan.QHead(codes)
+    q_head.load_state_dict(ckpt["modules"]["q_head"])
+    gen.eval()
+    g = torch.Generator().manual_seed(123)
+    z, cat, cont = codes.sample(500, "cpu", generator=g)
+    with torch.no_grad():
+        logits, mu, _ = q_head(encoder(gen(codes.gen_input(z, cat, cont)))["y"])
+    cat_acc = (logits.argmax(-1) == cat).float().mean().item()
+    corr = [torch.corrcoef(torch.stack([mu[:, j], cont[:, j]]))[0, 1].item() for j in range(2)]
+    assert cat_acc > 0.5, cat_acc  # chance is 0.1
+    assert min(corr) > 0.3, corr  # chance is 0
