@@ -169,7 +169,8 @@ def build_critics(args, encoder, shapes, local_layer):
                                    if args.critic == "dot" else
                                    common.ConcatCritic(args.y_dim, channels))
     if args.coord in ("absolute", "both"):
-        critics["coord_abs"] = CoordHead(args.y_dim + shapes[local_layer][0], shapes[local_layer][1])
+        critics["coord_abs"] = CoordHead(args.y_dim + shapes[local_layer][0],
+                                         shapes[local_layer][1])
     if args.coord in ("relative", "both"):
         critics["coord_rel"] = CoordHead(args.y_dim + 2 * shapes[local_layer][0],
                                          2 * shapes[local_layer][1] - 1)
@@ -235,6 +236,7 @@ def train(args):
             with common.autocast(device, args.amp):
                 out = enc(x)
                 y = out["y"]  # (N, y_dim): the global feature E(x)
+                local_map = out[local_layer]  # (N, C, M, M): C(x), always from the full input
                 if args.occlude:  # y from the occluded input, everything else from the full one
                     x_occluded = occlude(x, fields, disjoint_pairs, block, args.occlude_p)
                     with common.keep_bn_stats(encoder):
@@ -247,18 +249,18 @@ def train(args):
                     logs["global_mi"] = bound(global_critic(y, out["conv"]))
                     loss = loss - args.alpha * logs["global_mi"]
                 if args.beta > 0:
-                    logs["local_mi"] = bound(local_critic(y, out[local_layer]))
+                    logs["local_mi"] = bound(local_critic(y, local_map))
                     loss = loss - args.beta * logs["local_mi"]
                 for _ in range(args.multi_global):
-                    masked = out[local_layer] * random_blocks(len(x), out[local_layer].shape[-1], device)
-                    with common.keep_bn_stats(encoder):
-                        y_block = common.forward_from(encoder, local_layer, masked)
-                    mi = bound(local_critic(y_block, out[local_layer])) / args.multi_global
+                    block_map = local_map * random_blocks(len(x), local_map.shape[-1], device)
+                    with common.keep_bn_stats(encoder):  # a less global y from one block of C(x)
+                        y_block = common.forward_from(encoder, local_layer, block_map)
+                    mi = bound(local_critic(y_block, local_map)) / args.multi_global
                     logs["multi_global_mi"] = logs.get("multi_global_mi", 0) + mi
                     loss = loss - args.beta * mi
                 for name in ("coord_abs", "coord_rel"):
                     if name in nets:
-                        logs[name] = coordinate_loss(nets[name], y, out[local_layer],
+                        logs[name] = coordinate_loss(nets[name], y, local_map,
                                                      relative=(name == "coord_rel"))
                         loss = loss + args.coord_weight * logs[name]
                 if args.gamma > 0:

@@ -211,8 +211,8 @@ class Decoder(nn.Module):
         super().__init__()
         c, s, _ = image_shape
         self.s = s // 8
-        self.fc = nn.Sequential(nn.Linear(y_dim, 256 * self.s ** 2), nn.BatchNorm1d(256 * self.s ** 2),
-                                nn.ReLU())
+        width = 256 * self.s ** 2
+        self.fc = nn.Sequential(nn.Linear(y_dim, width), nn.BatchNorm1d(width), nn.ReLU())
         up = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
                                 nn.BatchNorm2d(cout), nn.ReLU()]
         self.net = nn.Sequential(*up(256, 128), *up(128, 64), nn.ConvTranspose2d(64, c, 4, 2, 1),
@@ -367,9 +367,10 @@ def main(argv=None):
     kind = "random-init encoder" if args.random_init else f"{ckpt['script']} encoder"
     common.print_table(rows, title=f"{kind} ({ckpt['encoder_cfg']['arch']}) on {dataset}, test accuracy")
     if extra:
-        common.print_table([{"measure": k, "test": m["test"], "train": m.get("train", "-"),
-                             "budget": f"{m['steps']} steps" if "steps" in m else f"{m['epochs']} epochs"}
-                            for k, m in extra.items() if k != "tsne"], title=f"measures of {args.measure_tap}")
+        common.print_table(
+            [{"measure": k, "test": m["test"], "train": m.get("train", "-"),
+              "budget": f"{m['steps']} steps" if "steps" in m else f"{m['epochs']} epochs"}
+             for k, m in extra.items() if k != "tsne"], title=f"measures of {args.measure_tap}")
         if "tsne" in extra:
             print(f"t-SNE: {extra['tsne']['png']}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),

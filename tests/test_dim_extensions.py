@@ -89,7 +89,8 @@ def test_coordinate_heads_learn_rows_and_columns_in_order():
     head = heads[False].eval()
     with torch.no_grad():
         logits = head.net(torch.cat([y[:1].expand(m * m, -1), position], 1))
-    assert torch.equal(logits[:, :m].argmax(1), k // m) and torch.equal(logits[:, m:].argmax(1), k % m)
+    assert torch.equal(logits[:, :m].argmax(1), k // m)  # rows from the row channels
+    assert torch.equal(logits[:, m:].argmax(1), k % m)
 
 
 def test_random_blocks_are_partial_rectangles():
