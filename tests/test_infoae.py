@@ -54,7 +54,23 @@ def grad_norms(nets):
 # ----------------------------------------------------------------------------------------
 # Gradient boundaries: each term reaches exactly the networks it trains
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("term", sorted(infoae.TRAINS))
+# Written out here, not read from the script, so that a change to the script's table fails
+# until this spec is changed too.
+EXPECTED = {"rec": {"encoder", "decoder"},
+            "dec_gen": {"decoder", "generator"},
+            "dec_rec": {"decoder", "encoder"},
+            "cls_gen": {"generator", "classifier"},
+            "cls_enc": {"encoder", "decoder", "generator", "classifier"},
+            "enc_sc": {"encoder", "decoder", "generator"},
+            "dis": {"discriminator"},
+            "sc": {"self_critic"}}
+
+
+def test_the_script_documents_the_same_table():
+    assert infoae.TRAINS == EXPECTED
+
+
+@pytest.mark.parametrize("term", sorted(EXPECTED))
 def test_each_term_trains_only_its_networks(digits, term):
     args, nets = fresh()
     x, z, c = batch(digits, args)
@@ -63,9 +79,9 @@ def test_each_term_trains_only_its_networks(digits, term):
     all_terms(nets, x, z, c)[term].backward()
     norms = grad_norms(nets)
     reached = {k for k, v in norms.items() if v > 0}
-    assert reached == infoae.TRAINS[term], (term, norms)
+    assert reached == EXPECTED[term], (term, norms)
     # untouched networks got no gradient tensor at all (not merely a zero one)
-    for k in set(NETS) - infoae.TRAINS[term]:
+    for k in set(NETS) - EXPECTED[term]:
         assert all(p.grad is None for p in nets[k].parameters()), (term, k)
 
 
@@ -193,6 +209,19 @@ def test_self_critic_and_encoder_play_their_sides(digits):
     caught = fake_logit()
     steps_on("enc_sc", nets, lambda i: (x, z, c), 10)
     assert fake_logit() > caught + 1.0  # E moves l_ge to where SC says "real"
+
+
+def test_encoder_batchnorm_statistics_come_from_real_images(digits):
+    args, nets = fresh()
+    encoder = nets["encoder"]
+    with torch.no_grad():  # skew the running statistics as generated batches would
+        encoder(torch.rand(64, 1, 32, 32) * 2 - 1)
+    infoae.recalibrate_batchnorm(encoder, digits, "cpu")
+    assert encoder.training and encoder.c2[1].momentum == 0.1  # left as it was
+    encoder.eval()
+    with torch.no_grad():  # BN output (gamma 1, beta 0 at init) then has mean ~0 on real images
+        h = encoder.c2[1](encoder.c2[0](encoder.c1(digits.preprocess(digits.train_x, False))))
+    assert h.mean((0, 2, 3)).abs().max() < 0.05
 
 
 # ----------------------------------------------------------------------------------------
