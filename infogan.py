@@ -52,7 +52,7 @@ from common import UserError
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description="InfoGAN with categorical and continuous codes")
-    common.add_common_args(p, epochs=None, batch_size=64, lr=2e-4)
+    common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
     p.add_argument("--lr-g", type=float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 for every network")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="write the PNG grids every this many epochs (and after the last)")
     args = p.parse_args(argv)
     if args.epochs is None:
-        args.epochs = {"digits": 60}.get(args.dataset, 50)
+        args.epochs = {"digits": 30}.get(args.dataset, 50)
     if args.noise_dim < 0 or args.n_cat < 0 or args.n_cont < 0:
         p.error("--noise-dim, --n-cat and --n-cont must be >= 0")
     if args.n_cat and args.cat_dim < 2:
