@@ -148,6 +148,8 @@ def mine_estimate(x_train, y_train, x_test, y_test, steps, prepare=lambda b: b, 
     floats (images are kept as uint8). Returns {"test", "train", "steps"}."""
     torch.manual_seed(seed)
     device = y_train.device
+    mean, std = y_train.mean(0), y_train.std(0) + 1e-6  # an invertible map leaves I(X; Y) as is
+    y_train, y_test = (y_train - mean) / std, (y_test - mean) / std
     stat_net = mlp(prepare(x_train[:1]).flatten(1).shape[1] + y_train.shape[1], hidden).to(device)
     opt = torch.optim.Adam(stat_net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
