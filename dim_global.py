@@ -17,6 +17,10 @@ script with DIM(L)'s defaults, so `diff dim_local.py dim_global.py` shows only t
     python dim_global.py                                   # digits, ~1 min on 2 CPU cores
     python dim_global.py --dataset cifar10 --loss infonce --epochs 1000
 
+Multi-GPU: `torchrun --nproc_per_node=K dim_global.py --device cuda` trains with DDP; --batch-size
+stays the global batch, each process scores its embeddings against every process's (gathered
+with gradient), so K processes optimise the same bound as one process on the whole batch.
+
 Where this script fills gaps in or departs from the paper:
 - Negatives: every other image's conv map in the batch (N-1 per positive), all N x N pairs
   scored at once by splitting the critic's first linear layer; infoNCE is therefore bounded

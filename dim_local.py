@@ -16,6 +16,10 @@ defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
     python dim_local.py                                    # digits, ~2 min on 2 CPU cores
     python dim_local.py --dataset cifar10 --loss infonce --epochs 1000
 
+Multi-GPU: `torchrun --nproc_per_node=K dim_local.py --device cuda` trains with DDP; --batch-size
+stays the global batch, each process scores its embeddings against every process's (gathered
+with gradient), so K processes optimise the same bound as one process on the whole batch.
+
 Where this script fills gaps in or departs from the paper:
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
@@ -180,7 +184,9 @@ def build_critics(args, encoder, shapes, local_layer):
 
 
 def train(args):
-    device = common.get_device(args.device)
+    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)
@@ -213,13 +219,17 @@ def train(args):
         args, "dim_local", {"encoder": encoder, **nets}, optimizers)
     run = common.Run("dim_local", args, run_dir)
     bound = common.BOUNDS[args.loss]
-    # compiled views for speed; the plain modules are what gets saved
-    enc = common.maybe_compile(encoder, args.compile)
-    global_critic = common.maybe_compile(nets.get("global_critic"), args.compile and args.alpha > 0)
-    local_critic = common.maybe_compile(nets.get("local_critic"), args.compile and args.beta > 0)
-    print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
-          f"{len(data.train_x)} train / {len(data.test_x)} test  local map: {local_layer} "
-          f"{tuple(shapes[local_layer])}")
+    # DDP / compiled views for training; the plain modules are what gets saved
+    enc, global_critic, local_critic, prior = (
+        common.maybe_compile(common.wrap_ddp(m, device), args.compile and m is not None)
+        for m in (encoder, nets.get("global_critic"), nets.get("local_critic"), prior_disc))
+    coord_heads = {k: common.wrap_ddp(m, device) for k, m in nets.items() if k.startswith("coord")}
+    gather = common.gather_batch  # negatives from every process's batch (identity on one)
+    quiet = args.no_progress or rank > 0
+    if rank == 0:
+        print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
+              f"{len(data.train_x)} train / {len(data.test_x)} test  local map: {local_layer} "
+              f"{tuple(shapes[local_layer])}  processes: {world}")
 
     t0 = time.time()
     stats = {}
@@ -228,10 +238,11 @@ def train(args):
             break
         gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
         sums, n_steps = {}, 0
-        bar = common.progress(data.batches("train", args.batch_size, shuffle=True, generator=gen,
-                                           drop_last=True),
-                              total=data.n_batches("train", args.batch_size, drop_last=True),
-                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        per_rank = args.batch_size // world  # --batch-size is the global batch
+        bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=gen,
+                                           drop_last=True, rank=rank, world_size=world),
+                              total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
+                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
         for x, _ in bar:
             with common.autocast(device, args.amp):
                 out = enc(x)
@@ -241,37 +252,37 @@ def train(args):
                     x_occluded = occlude(x, fields, disjoint_pairs, block, args.occlude_p)
                     with common.keep_bn_stats(encoder):
                         y = enc(x_occluded)["y"]
-                    if step == 0:
+                    if step == 0 and rank == 0:
                         common.save_image_grid(x_occluded[:64], run.path("occlusions.png"), 8)
                 loss = torch.zeros((), device=device)
                 logs = {}
                 if args.alpha > 0:
-                    logs["global_mi"] = bound(global_critic(y, out["conv"]))
+                    logs["global_mi"] = bound(global_critic(y, out["conv"], gather=gather))
                     loss = loss - args.alpha * logs["global_mi"]
                 if args.beta > 0:
-                    logs["local_mi"] = bound(local_critic(y, local_map))
+                    logs["local_mi"] = bound(local_critic(y, local_map, gather=gather))
                     loss = loss - args.beta * logs["local_mi"]
                 for _ in range(args.multi_global):
                     block_map = local_map * random_blocks(len(x), local_map.shape[-1], device)
                     with common.keep_bn_stats(encoder):  # a less global y from one block of C(x)
                         y_block = common.forward_from(encoder, local_layer, block_map)
-                    mi = bound(local_critic(y_block, local_map)) / args.multi_global
+                    mi = bound(local_critic(y_block, local_map, gather=gather)) / args.multi_global
                     logs["multi_global_mi"] = logs.get("multi_global_mi", 0) + mi
                     loss = loss - args.beta * mi
                 for name in ("coord_abs", "coord_rel"):
-                    if name in nets:
-                        logs[name] = coordinate_loss(nets[name], y, local_map,
+                    if name in coord_heads:
+                        logs[name] = coordinate_loss(coord_heads[name], y, local_map,
                                                      relative=(name == "coord_rel"))
                         loss = loss + args.coord_weight * logs[name]
                 if args.gamma > 0:
-                    logs["prior_gen"] = common.prior_encoder_loss(prior_disc, y)
+                    logs["prior_gen"] = common.prior_encoder_loss(prior, y)
                     loss = loss + args.gamma * logs["prior_gen"]
             common.check_finite(loss, step)
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
             if prior_disc is not None:
-                d_loss = common.prior_disc_loss(prior_disc, y)
+                d_loss = common.prior_disc_loss(prior, y)
                 optimizers["disc_opt"].zero_grad(set_to_none=True)
                 d_loss.backward()
                 optimizers["disc_opt"].step()
@@ -291,6 +302,8 @@ def train(args):
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules=nets, optimizers=optimizers)
 
+    if rank > 0:
+        return run
     probes = common.probe_against_random_init(encoder, enc_cfg, data, device, args.seed)
     run.log(step=step, **probes)
     common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
