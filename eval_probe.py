@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="default: the run's --data-root")
     p.add_argument("--taps", default="conv,fc,y", help="comma-separated encoder taps to probe")
     p.add_argument("--probes", default=",".join(PROBES), help="comma-separated subset of " + ",".join(PROBES))
+    p.add_argument("--pair-label", default="digit", choices=["digit", "background", "foreground"],
+                   help="for shared_exclusive encoders: which label of the image pairs to probe")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate an untrained encoder of the same architecture (baseline)")
     p.add_argument("--knn-k", type=common.positive_int, default=20, help="neighbours for k-NN")
@@ -347,7 +349,13 @@ def evaluate(args):
     run_args = ckpt["args"]
     dataset = args.dataset or ckpt["dataset"]
     data_root = args.data_root or run_args.get("data_root", "./data")
-    data = common.load_data(dataset, data_root, device, image_size=ckpt["image_shape"][-1])
+    extra = ckpt.get("extra", {})
+    if extra.get("pair_domain") and args.dataset is None:  # a shared_exclusive encoder
+        data = common.load_pair_domain(dataset, extra["pair_domain"], data_root, device,
+                                       label=args.pair_label, pairing=extra["pairing"],
+                                       seed=extra["pair_seed"])
+    else:
+        data = common.load_data(dataset, data_root, device, image_size=ckpt["image_shape"][-1])
     if list(data.image_shape) != list(ckpt["image_shape"]):
         raise UserError(f"the encoder takes images of shape {tuple(ckpt['image_shape'])} but "
                         f"{dataset} has {tuple(data.image_shape)}; pick a dataset with that shape")
@@ -380,7 +388,10 @@ def evaluate(args):
 
 
 def output_suffix(args, dataset, ckpt):
-    suffix = "-random-init" if args.random_init else ""
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    suffix = f"-{stem}" if stem != "checkpoint" else ""  # shared_x.pt, exclusive_y.pt, ...
+    suffix += "-random-init" if args.random_init else ""
+    suffix += f"-{args.pair_label}" if ckpt.get("extra", {}).get("pair_domain") else ""
     return suffix + (f"-{dataset}" if dataset != ckpt["dataset"] else "")
 
 
