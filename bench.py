@@ -7,8 +7,9 @@
 For DIM the step is split into encoder (forward+backward), critics (forward+backward from
 detached features) and the bound itself (from a detached score tensor), each timed on its own
 after warm-up, with FLOPs counted by torch.utils.flop_counter. The other scripts are timed end
-to end: two runs with different --max-steps, the difference in wall time and FLOPs divided by
-the difference in steps, so set-up and final evaluation cancel out. The matmul peak is measured
+to end: two runs with different --max-steps; the step time is read from time stamps of the
+optimiser steps (set-up and final evaluation excluded) and the FLOPs are the difference of the
+two runs divided by the difference in steps. The matmul peak is measured
 on this machine first (a large fp32 or bf16 matmul), and each step's achieved FLOP/s is quoted
 as a fraction of it.
 """
@@ -142,27 +143,36 @@ def bench_dim(args, device, peak, variant):
 
 
 def bench_script(name, args, device, peak):
-    """End-to-end: difference of two short runs, so set-up and final evaluation cancel."""
+    """End-to-end: two short runs. Optimiser steps are time-stamped (a global post-step hook),
+    so the step time is read between the first and the last training step of the longer run,
+    free of set-up and final evaluation; FLOPs are the difference between the two runs."""
     import importlib
     import tempfile
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     module = importlib.import_module(name)
-    measured = []
-    for steps in (3, 3 + 2 * args.repeats):
-        argv = ["--no-progress", "--max-steps", str(steps), "--batch-size", str(args.batch_size),
-                "--device", device.type, "--epochs", "1000"]
-        argv += ["--amp"] if args.amp else []
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            margs = module.parse_args(argv + ["--out-dir", tmp])
-            sync(device)
-            t0 = time.perf_counter()
-            with FlopCounterMode(display=False) as counter:
-                module.train(margs)
-            sync(device)
-            measured.append((time.perf_counter() - t0, counter.get_total_flops()))
-    (t1, f1), (t2, f2) = measured
-    n = 2 * args.repeats
-    sec, fl = (t2 - t1) / n, (f2 - f1) / n
-    return [{"script": name, "part": "step (end to end)", "ms": 1000 * sec,
+    stamps = []
+    handle = register_optimizer_step_post_hook(lambda *_: (sync(device), stamps.append(time.perf_counter())))
+    runs = []
+    try:
+        for steps in (3, 3 + 2 * args.repeats):
+            argv = ["--no-progress", "--max-steps", str(steps), "--batch-size", str(args.batch_size),
+                    "--device", device.type, "--epochs", "1000"] + (["--amp"] if args.amp else [])
+            stamps.clear()
+            with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+                margs = module.parse_args(argv + ["--out-dir", tmp])
+                with FlopCounterMode(display=False) as counter:
+                    module.train(margs)
+            runs.append((steps, list(stamps), counter.get_total_flops()))
+    finally:
+        handle.remove()
+    (k1, s1, f1), (k2, s2, f2) = runs
+    per_step = (len(s2) - len(s1)) // (k2 - k1)  # optimiser steps per training step
+    if per_step < 1 or len(s2) < k2 * per_step:
+        raise RuntimeError(f"{name}: could not find its training steps among {len(s2)} optimiser steps")
+    # stages (shared_exclusive) run --max-steps each: only the first stage's steps are timed
+    sec = (s2[k2 * per_step - 1] - s2[per_step - 1]) / (k2 - 1)
+    fl = (f2 - f1) / (k2 - k1)
+    return [{"script": name, "part": f"step ({per_step} optimiser steps)", "ms": 1000 * sec,
              "img/s": args.batch_size / sec, "GFLOP": fl / 1e9, "peak frac": fl / sec / peak,
              "peak MiB": peak_memory_mb(device)}]
 
