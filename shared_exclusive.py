@@ -133,17 +133,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------
 # The method: cross MI (stage 1), MI of R = (S, Z) plus the S-Z adversary (stage 2)
 # ----------------------------------------------------------------------------------------
-class SZDiscriminator(nn.Module):
-    """Tells the joint (S, Z) (logit > 0) from (S, Z shuffled across the batch)."""
-
-    def __init__(self, dim, hidden=(1000, 200)):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[1], 1))
+class SZDiscriminator(common.PriorDiscriminator):
+    """Tells the joint (S, Z) (logit > 0) from (S, Z shuffled across the batch); the same
+    1000-200-1 MLP as DIM's prior discriminator, on the concatenation."""
 
     def forward(self, s, z):
-        return self.net(torch.cat([s, z], 1).float()).squeeze(-1)
+        return super().forward(torch.cat([s, z], 1).float())
 
 
 def shuffle_across_batch(z, generator=None):
