@@ -29,11 +29,30 @@ Where this script fills gaps in or departs from the paper:
   saturating minimax form); the discriminator is updated once per encoder step.
 - Default epochs: the paper's 1000 for CIFAR, 200 for other datasets, 6 for the bundled
   digits so the first run finishes in about a minute on a laptop CPU.
+
+Extensions (off by default; paper Tables 3 and 5, App. A.7):
+- `--occlude`: y is computed from the input with random blocks set to 0 (mid-grey), while the
+  local map (and the conv map of the global term) come from the full input, so every step
+  runs the encoder twice. The blocks tile the image with the side of one local receptive
+  field (10 px for the 32x32 encoder's c2), each hidden with probability `--occlude-p`; then
+  one receptive field, drawn per image, is hidden entirely and a disjoint one made entirely
+  visible: the paper's constraint, met by construction. The paper's sampling was "ad hoc".
+- `--coord`: heads predict a local feature's (row, column) from (y, C_k), or the offset of
+  C_k from a randomly chosen source C_s from (y, C_s, C_k), with two cross-entropies each,
+  averaged over all k; weighted by `--coord-weight` (the paper gives no weight).
+- `--multi-global K`: K "less global" features per image, each computed by zeroing the local
+  map outside a random rectangle of the M x M grid (sides drawn from [M/4, M-1]) and running
+  the rest of the encoder on it; each is scored against the full local map by the same local
+  critic and added to the local term (beta * mean over the K features).
+- Extra encoder passes (occluded inputs, masked maps) leave BatchNorm running statistics as
+  they were, so the test-time encoder is normalised for full images only.
 """
 import math
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 from common import UserError
@@ -60,12 +79,87 @@ def parse_args(argv=None):
     p.add_argument("--y-dim", type=common.positive_int, default=64, help="size of y = E(x)")
     p.add_argument("--embed-dim", type=common.positive_int, default=2048,
                    help="dot critic embedding width (paper 2048; smaller is faster on CPU)")
+    p.add_argument("--occlude", action="store_true",
+                   help="compute y from randomly occluded inputs, local features from the full "
+                        "input (Table 5; two encoder passes per step)")
+    p.add_argument("--occlude-p", type=common.nonneg_float, default=0.5,
+                   help="probability that each block of the input is occluded")
+    p.add_argument("--coord", default="none", choices=["none", "absolute", "relative", "both"],
+                   help="coordinate prediction from (y, local features) (Table 5, App. A.7)")
+    p.add_argument("--coord-weight", type=common.nonneg_float, default=1.0,
+                   help="weight of the coordinate cross-entropies in the loss")
+    p.add_argument("--multi-global", type=int, default=0, metavar="K",
+                   help="K less-global features from random blocks of the local map (Table 3)")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = {"digits": 6, "cifar10": 1000, "cifar100": 1000}.get(args.dataset, 200)
     if args.alpha == args.beta == 0:
         p.error("--alpha and --beta are both 0: nothing would maximise MI")
+    if args.multi_global < 0:
+        p.error("--multi-global must be >= 0")
+    if args.multi_global and args.beta == 0:
+        p.error("--multi-global scores features with the local critic: it needs --beta > 0")
+    if args.occlude_p > 1:
+        p.error("--occlude-p is a probability: give a value in [0, 1]")
     return args
+
+
+def occlude(x, fields, disjoint_pairs, block, p):
+    """Set random blocks of x to 0 (mid-grey). fields: (M*M, H, W) bool receptive fields;
+    disjoint_pairs: (P, 2) locations whose fields do not overlap. One pair is drawn per image:
+    the first field is hidden entirely and the second left entirely visible."""
+    n, _, h, w = x.shape
+    grid = torch.rand(n, 1, -(-h // block), -(-w // block), device=x.device) < p
+    hidden = grid.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :h, :w]
+    pair = disjoint_pairs[torch.randint(len(disjoint_pairs), (n,), device=x.device)]
+    hidden = (hidden | fields[pair[:, 0], None]) & ~fields[pair[:, 1], None]
+    return x.masked_fill(hidden, 0.0)
+
+
+class CoordHead(nn.Module):
+    """Predicts a (row, column) pair as two categorical variables (App. A.7): MLP with two
+    512-unit hidden layers, BatchNorm and ReLU."""
+
+    def __init__(self, in_dim, n_classes, hidden=512):
+        super().__init__()
+        self.n_classes = n_classes
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2 * n_classes))
+
+    def forward(self, inputs, rows, cols):
+        """Sum of the row and column cross-entropies, averaged over the inputs."""
+        logits = self.net(inputs)
+        return (F.cross_entropy(logits[:, :self.n_classes], rows) +
+                F.cross_entropy(logits[:, self.n_classes:], cols))
+
+
+def coordinate_loss(head, y, local_map, relative):
+    """Absolute: predict where C_k sits from (y, C_k). Relative: predict the offset of C_k
+    from a random source C_s (one per image) from (y, C_s, C_k). Averaged over all k."""
+    n, _, m, _ = local_map.shape
+    local = local_map.flatten(2).transpose(1, 2)  # (N, M*M, C)
+    k = torch.arange(m * m, device=y.device)
+    rows, cols = (k // m).expand(n, -1), (k % m).expand(n, -1)  # (N, M*M)
+    parts = [y[:, None, :].expand(-1, m * m, -1)]
+    if relative:
+        src = torch.randint(m * m, (n,), device=y.device)
+        parts.append(local[torch.arange(n), src][:, None, :].expand(-1, m * m, -1))
+        rows = rows - (src // m)[:, None] + m - 1  # offsets shifted to [0, 2M-2]
+        cols = cols - (src % m)[:, None] + m - 1
+    parts.append(local)
+    return head(torch.cat(parts, 2).flatten(0, 1), rows.flatten(), cols.flatten())
+
+
+def random_blocks(n, m, device):
+    """(N, 1, M, M) mask of one random rectangle of the M x M grid per image, sides in
+    [M/4, M-1]: a less global view that never covers the whole map."""
+    lo, hi = max(1, m // 4), max(1, m - 1)
+    size = torch.randint(lo, hi + 1, (2, n, 1), device=device)
+    start = (torch.rand(2, n, 1, device=device) * (m - size + 1)).long()
+    ar = torch.arange(m, device=device)
+    inside = (ar >= start) & (ar < start + size)  # (2, N, M): rows, then columns
+    return (inside[0, :, :, None] & inside[1, :, None, :])[:, None].float()
 
 
 def build_critics(args, encoder, shapes, local_layer):
@@ -78,6 +172,12 @@ def build_critics(args, encoder, shapes, local_layer):
         critics["local_critic"] = (common.DotCritic(args.y_dim, channels, args.embed_dim)
                                    if args.critic == "dot" else
                                    common.ConcatCritic(args.y_dim, channels))
+    if args.coord in ("absolute", "both"):
+        critics["coord_abs"] = CoordHead(args.y_dim + shapes[local_layer][0],
+                                         shapes[local_layer][1])
+    if args.coord in ("relative", "both"):
+        critics["coord_rel"] = CoordHead(args.y_dim + 2 * shapes[local_layer][0],
+                                         2 * shapes[local_layer][1] - 1)
     if args.gamma > 0:
         critics["prior_disc"] = common.PriorDiscriminator(args.y_dim)
     return critics
@@ -96,6 +196,16 @@ def train(args):
     if local_layer not in encoder.maps:
         raise UserError(f"--local-layer {local_layer} is not a feature map of the "
                         f"{enc_cfg['arch']} encoder; choose one of {', '.join(encoder.maps)}")
+    if args.multi_global:
+        common.encoder_stages(encoder)  # fails early for encoders that cannot run from a map
+    if args.occlude:
+        fields = common.receptive_fields(encoder, local_layer, data.image_shape).to(device)
+        flat = fields.flatten(1).float()
+        disjoint_pairs = ((flat @ flat.T) == 0).nonzero()  # (P, 2): (hidden, visible)
+        if len(disjoint_pairs) == 0:
+            raise UserError(f"every receptive field of {local_layer} overlaps every other: "
+                            f"occlusion needs an earlier --local-layer")
+        block = int(fields.flatten(1).sum(1).max().sqrt().ceil())  # an interior field's side
     nets = build_critics(args, encoder, shapes, local_layer)
     for m in nets.values():
         m.to(device)
@@ -113,6 +223,7 @@ def train(args):
     enc, global_critic, local_critic, prior = (
         common.maybe_compile(common.wrap_ddp(m, device), args.compile and m is not None)
         for m in (encoder, nets.get("global_critic"), nets.get("local_critic"), prior_disc))
+    coord_heads = {k: common.wrap_ddp(m, device) for k, m in nets.items() if k.startswith("coord")}
     gather = common.gather_batch  # negatives from every process's batch (identity on one)
     quiet = args.no_progress or rank > 0
     if rank == 0:
@@ -136,14 +247,33 @@ def train(args):
             with common.autocast(device, args.amp):
                 out = enc(x)
                 y = out["y"]  # (N, y_dim): the global feature E(x)
+                local_map = out[local_layer]  # (N, C, M, M): C(x), always from the full input
+                if args.occlude:  # y from the occluded input, everything else from the full one
+                    x_occluded = occlude(x, fields, disjoint_pairs, block, args.occlude_p)
+                    with common.keep_bn_stats(encoder):
+                        y = enc(x_occluded)["y"]
+                    if step == 0 and rank == 0:
+                        common.save_image_grid(x_occluded[:64], run.path("occlusions.png"), 8)
                 loss = torch.zeros((), device=device)
                 logs = {}
                 if args.alpha > 0:
                     logs["global_mi"] = bound(global_critic(y, out["conv"], gather=gather))
                     loss = loss - args.alpha * logs["global_mi"]
                 if args.beta > 0:
-                    logs["local_mi"] = bound(local_critic(y, out[local_layer], gather=gather))
+                    logs["local_mi"] = bound(local_critic(y, local_map, gather=gather))
                     loss = loss - args.beta * logs["local_mi"]
+                for _ in range(args.multi_global):
+                    block_map = local_map * random_blocks(len(x), local_map.shape[-1], device)
+                    with common.keep_bn_stats(encoder):  # a less global y from one block of C(x)
+                        y_block = common.forward_from(encoder, local_layer, block_map)
+                    mi = bound(local_critic(y_block, local_map, gather=gather)) / args.multi_global
+                    logs["multi_global_mi"] = logs.get("multi_global_mi", 0) + mi
+                    loss = loss - args.beta * mi
+                for name in ("coord_abs", "coord_rel"):
+                    if name in coord_heads:
+                        logs[name] = coordinate_loss(coord_heads[name], y, local_map,
+                                                     relative=(name == "coord_rel"))
+                        loss = loss + args.coord_weight * logs[name]
                 if args.gamma > 0:
                     logs["prior_gen"] = common.prior_encoder_loss(prior, y)
                     loss = loss + args.gamma * logs["prior_gen"]
