@@ -48,7 +48,11 @@ def worker(rank, port, out_dir):
             torch.save({"loss": loss, "gy": gy_all, "gmap": gmap_all,
                         "critic_grads": [p.grad for p in critic.parameters()]},
                        os.path.join(out_dir, f"{bound_name}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()  # rank 0's files are written before either rank leaves
+    # leave without running the C++ teardown: gloo's worker threads at interpreter exit have
+    # aborted a rank with "terminate called without an active exception" on a loaded 2-core
+    # CI machine, and that teardown is not what this test checks
+    os._exit(0)
 
 
 def free_port():
