@@ -657,6 +657,15 @@ def gather_batch(t):
     return _GatherWithGrad.apply(t.contiguous())
 
 
+def finish_distributed():
+    """Every rank, after its last collective: wait for the others, then leave the process
+    group (left to interpreter exit, gloo's threads have aborted a rank at teardown)."""
+    d = _dist()
+    if d is not None:
+        d.barrier()
+        d.destroy_process_group()
+
+
 def wrap_ddp(module, device):
     """DistributedDataParallel when running under torchrun, the module itself otherwise."""
     if _dist() is None or module is None:
@@ -1027,23 +1036,25 @@ def ms_ssim(x, y, data_range=2.0, window=7, sigma=1.5, max_scales=5):
 # [infogan section]
 class InfoGANEncoder(nn.Module):
     """InfoGAN's shared D/Q trunk plus Q's hidden layer (PAPERS.md §3, MNIST architecture
-    scaled to `in_channels` and `image_size`): conv 4x4/2 64 (leaky ReLU) -> conv 4x4/2 128
-    (BN, leaky ReLU) -> fc 1024 (BN, leaky ReLU); Q's hidden layer fc 128 (BN, leaky ReLU).
+    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
+    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
+    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
 
-    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's 1024 vector, which D's head reads),
-    y (Q's 128-d hidden layer, from which Q predicts the codes; the representation probed by
+    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
+    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
     eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
     """
     maps = ("c1", "conv")
     default_local = "c1"
 
-    def __init__(self, in_channels=1, image_size=32, y_dim=128, fc_dim=1024, slope=0.1):
+    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
         super().__init__()
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, 64, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128),
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
                                 nn.LeakyReLU(slope, inplace=True))
         s = image_size // 4
-        self.fc = nn.Sequential(nn.Linear(128 * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
                                 nn.LeakyReLU(slope, inplace=True))
         self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
                                       nn.LeakyReLU(slope, inplace=True))

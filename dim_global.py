@@ -302,6 +302,7 @@ def train(args):
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules=nets, optimizers=optimizers)
 
+    common.finish_distributed()  # the rest is rank 0's alone
     if rank > 0:
         return run
     probes = common.probe_against_random_init(encoder, enc_cfg, data, device, args.seed)

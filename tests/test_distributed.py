@@ -81,3 +81,23 @@ def test_gathered_negatives_match_one_process_on_the_global_batch(two_rank_resul
     assert torch.allclose(got["gmap"], WORLD * gmap, atol=1e-5)
     for p, g in zip(critic.parameters(), got["critic_grads"]):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_dim_local_runs_under_torchrun_and_only_rank_0_writes(tmp_path):
+    """The script end to end with two gloo processes: exits cleanly, writes one run folder
+    whose checkpoint eval_probe.py can rebuild."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "dim_local.py", "--device", "cpu", "--max-steps", "2", "--embed-dim", "64",
+         "--no-progress", "--out-dir", str(tmp_path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and proc.stdout.count("run folder:") == 1
+    ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
