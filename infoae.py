@@ -10,17 +10,36 @@ from l_g and from E(Dec(l_g)) (the mutual information between c and the latents)
 "self critic" SC tells (G(z,c), c) from (E(Dec(G(z,c))), c), so E learns to invert Dec. After
 training, argmax C(E(x)) clusters real images, unsupervised.
 
-    python infoae.py                          # digits: 30 epochs, 1320 steps, ~5 min
+    python infoae.py                          # digits: 30 epochs, 1320 steps, ~4 min on CPU
     python infoae.py --dataset mnist --epochs 30
+    torchrun --standalone --nproc_per_node=2 infoae.py   # DDP; --batch-size is the global batch
 
-Measured (2 shared CPU cores, OMP_NUM_THREADS=1, seed 0): `python infoae.py` takes 296 s and
-clusters the digits test set at 46% (k-means on raw pixels: 79%; the paper, on MNIST: 98.9%).
-C recovers c from generated images almost perfectly by then (cls_enc 0.16), but c has
-become a style cue rather than the digit: in samples.png the digit changes along a row
-(with z) more than down a column (with c), so real images of one digit spread over several
-categories. The encoder's features themselves are good (eval_probe.py on that checkpoint:
-linear probe 94% on y, 99% on conv; k-means on y 65%). With this code, --lr 1e-3 and
---z-dim 10 or 30 (up to 30 epochs) also stayed between 35% and 52%.
+Measured (2 CPU cores shared with two other jobs, OMP_NUM_THREADS=1): `python infoae.py
+--seed S` clusters the digits test set at 55.0% (S=0), 48.6% (S=1), 57.8% (S=2), mean 53.8%,
+in 3.5 to 4 minutes each. That is still well BELOW k-means on raw pixels (79%; the paper, on
+MNIST: 98.9%). With the earlier defaults (z ~ U(-1,1), reconstruction weight 1, latent 64)
+the same command gave 46.1%, 40.3% and 47.2% (mean 44.5%): better, but not solved.
+What we saw, on 15- to 30-epoch runs of one seed each (a 2-core CPU allows no more):
+- With z ~ U(-1,1)^100, z carries about 33 times the variance of the one-hot c into G, and
+  Dec first learns the digit from z; c is ignored for ~500 steps (cls_enc at chance) and
+  then settles on a style cue (the digit changes along a row of samples.png, with z).
+- With z ~ U(-s,s)^100 for s = 0.3 or 0.5, c dominates l_g early and down a column of
+  samples.png the digit now follows c (a pixel classifier trained on real digits agrees
+  with c on 57% to 77% of generated images; 7 or 8 digits get a category of their own), but
+  G all but ignores z: each row of samples.png is nearly one image.
+- Even then C(E(x)) on real images stays near 50%: E maps real images (l_e, spread ~0.5 per
+  coordinate) far from the latents it was trained to read on generated images (l_g,
+  l_ge, spread ~0.15), and a real image's nearest generated image shares its digit only
+  40-45% of the time. Nothing in the paper's losses trains C or SC on real images, so the
+  clustering rests on E generalising from generated to real images, which needs a generator
+  that covers the data; 1320 steps do not give one here.
+- No better (final accuracy 31% to 56%): z scale 0.1 or 0.3; decoding l_e and l_g in one
+  batch (so Dec's BatchNorm mixes them); encoding x and x_g in one batch; Dec's first layer
+  without BatchNorm (as the paper's rule would have it; generation collapsed); latent 10;
+  width 16 with hidden 256 (twice the steps per second); z scale ramped from 0.3 to 1; Dis
+  also reading each image's distance to its nearest neighbour in the batch (against
+  near-copies within a category: they stayed).
+The reconstruction weight 10 mainly lowers the reconstruction error (0.19 to 0.06-0.09).
 
 Losses. With l_g = G(z, c), x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g) and
 non-saturating GAN losses (sp(t) = log(1 + e^t), so sp(-t) = -log sigmoid(t)):
@@ -39,7 +58,7 @@ The paper's Eq. 2 is a min-max: "the weights of E, Dec, G and C are updated to m
 total loss, while the weights of Dis and SC are updated to maximise" their losses. So E, Dec,
 G and C take one step of one Adam on
 
-    rec + alpha * (dec_gen + dec_rec) + beta * (cls_gen + cls_enc) + gamma * enc_sc,
+    rec_weight * rec + alpha * (dec_gen + dec_rec) + beta * (cls_gen + cls_enc) + gamma * enc_sc,
 
 each term reaching every one of them it depends on (nothing is detached between them: this
 is how Dec "also maximises the mutual information between the condition and the generated
@@ -51,15 +70,17 @@ The paper's total-loss equation (its Eq. 1) is lost; it says only that alpha, be
 weigh the losses and that alpha = 1, beta = 1, gamma = 0.4 worked best. The choice here:
 - Only the minimising side is weighted. Dis and SC each have one loss and their own Adam,
   which is invariant to a constant factor on the loss, so a weight there would do nothing.
-- The four groups of the minimising side are: reconstruction (the autoencoder, kept at
-  weight 1 as the unit), the image-adversarial terms dec_gen + dec_rec (alpha), the
+- The four groups of the minimising side are: reconstruction (rec_weight, --rec-weight,
+  default 10: a per-pixel mean squared error is about ten times smaller than the
+  cross-entropies and GAN losses, and at weight 1 the autoencoder stayed poor, rec ~0.19 on
+  images in [-1, 1]), the image-adversarial terms dec_gen + dec_rec (alpha), the
   information terms cls_gen + cls_enc (beta, InfoGAN's lambda, also 1 there for a
   categorical code), and the self-critic term enc_sc (gamma). The smallest weight, 0.4, goes
   to the self-critic because it is the one adversarial term in latent space and asks only
   for agreement between E(Dec(l_g)) and l_g, which cls_enc already pushes towards; early on,
   when SC tells the two apart trivially, its gradient would otherwise dominate E's. This
   is our reading, not the paper's statement.
-All three are flags.
+All four are flags.
 
 Where this script fills gaps in or departs from the paper:
 - Architectures (the paper gives only their kind): E and Dis are DCGAN-style strided CNNs,
@@ -75,16 +96,28 @@ Where this script fills gaps in or departs from the paper:
 - Dis's last layer also reads the batch's spread (the standard deviation over the batch of
   its first layer's features, averaged; progressive GANs' minibatch statistic, taken before
   BatchNorm, which would hide it): without it the decoder learns to ignore z and draws one
-  image per category, which Dis, judging images one at a time, cannot see.
-- Unspecified by the paper: latent size 64 (--latent-dim), z ~ Uniform(-1, 1)^100, Adam
-  beta1 = 0.5 (the usual GAN setting), mean squared error for reconstruction, batch 32.
+  image per category, which Dis, judging images one at a time, cannot see. (With the
+  default z scale of 0.5 G nearly does so anyway: the statistic cannot tell a batch of ten
+  near-copies, one per category, from real variety.)
+- Unspecified by the paper: latent size 16 (--latent-dim; 64 did no better), z ~
+  Uniform(-0.5, 0.5)^100 (the text keeps "uniform" and drops the range; --z-scale, see
+  Measured), Adam beta1 = 0.5 (the usual GAN setting), mean squared error for
+  reconstruction, batch 32.
+- Under torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPUs) --batch-size is the
+  global batch, each rank trains on its shard of every epoch's shuffle and draws its own z
+  and c, and BatchNorm uses each rank's own part of the batch (no SyncBatchNorm). E, Dec, G
+  and C are wrapped as one module (MinPlayers) and Dis and SC as another (Critics), so that
+  DDP sees one forward and one backward per wrapper per step although every network is used
+  several times in it; Dis and SC are only called, frozen, from MinPlayers, never wrapped
+  there. At the end the ranks check that they hold identical weights. Only rank 0 prints,
+  evaluates, draws pictures and writes the run folder.
 - Evaluation: test images are clustered by argmax C(E(x)) with E in eval mode and matched
   one-to-one to the labels (Hungarian); the paper reports 98.9% +- 0.1 on MNIST. k-means on
   raw digits pixels gets about 79%.
 - Interpolations: rows 1-5 go between two test images of different classes, rows 6-10 between
   two of the same class (the paper's Fig. 2c and 2d); every column, the ends included, is
   Dec of a latent, so the ends are reconstructions.
-- Default epochs: 30 on digits (about 5 minutes on a busy 2-core CPU), 50 elsewhere.
+- Default epochs: 30 on digits (about 4 minutes on a busy 2-core CPU), 50 elsewhere.
 """
 import contextlib
 import time
@@ -113,9 +146,15 @@ def parse_args(argv=None):
                    help="weight of the encoder's self-critic loss (gamma, Eq. 1)")
     p.add_argument("--categories", type=common.positive_int, default=10,
                    help="size of the categorical code c ~ Cat(K) (paper: 10)")
+    p.add_argument("--z-scale", type=float, default=0.5,
+                   help="z ~ Uniform(-s, s)^z_dim (the paper's range is lost); below 1 so that c, "
+                        "not z, dominates l_g = G(z,c) early in training")
     p.add_argument("--z-dim", type=common.positive_int, default=100,
                    help="size of the uniform noise z (paper: 100)")
-    p.add_argument("--latent-dim", type=common.positive_int, default=64,
+    p.add_argument("--rec-weight", type=common.nonneg_float, default=10.0,
+                   help="weight of the reconstruction error (not named in the paper, whose "
+                        "Eq. 1 is lost)")
+    p.add_argument("--latent-dim", type=common.positive_int, default=16,
                    help="size of the latents l_g = G(z,c) and l_e = E(x)")
     p.add_argument("--width", type=common.positive_int, default=None,
                    help="channels of the first conv of E and Dis (then 2x, 4x); default 32 "
@@ -130,6 +169,8 @@ def parse_args(argv=None):
         args.width = 32 if args.dataset == "digits" else 64
     if args.categories < 2:
         p.error("--categories must be at least 2")
+    if not args.z_scale > 0:
+        p.error("--z-scale must be positive")
     return args
 
 
@@ -242,9 +283,9 @@ TRAINS = {"rec": {"encoder", "decoder"}, "dec_gen": {"decoder", "generator"},
 # ----------------------------------------------------------------------------------------
 # The losses
 # ----------------------------------------------------------------------------------------
-def sample_prior(n, z_dim, n_categories, device):
-    """z ~ Uniform(-1, 1)^z_dim and c ~ Cat(K) with equal probabilities (labels, not one-hot)."""
-    z = torch.rand(n, z_dim, device=device).mul_(2).sub_(1)
+def sample_prior(n, z_dim, z_scale, n_categories, device):
+    """z ~ Uniform(-s, s)^z_dim and c ~ Cat(K) with equal probabilities (labels, not one-hot)."""
+    z = torch.rand(n, z_dim, device=device).mul_(2).sub_(1).mul_(z_scale)
     c = torch.randint(n_categories, (n,), device=device)
     return z, c
 
@@ -291,9 +332,9 @@ def min_player_terms(nets, x, z, c):
     return terms, {"onehot": onehot, "l_g": l_g, "x_g": x_g, "x_r": x_r, "l_ge": l_ge}
 
 
-def min_player_loss(terms, alpha, beta, gamma):
+def min_player_loss(terms, alpha, beta, gamma, rec_weight=1.0):
     """The weighted sum (the docstring says why these groups and weights)."""
-    return (terms["rec"] + alpha * (terms["dec_gen"] + terms["dec_rec"])
+    return (rec_weight * terms["rec"] + alpha * (terms["dec_gen"] + terms["dec_rec"])
             + beta * (terms["cls_gen"] + terms["cls_enc"]) + gamma * terms["enc_sc"])
 
 
@@ -306,6 +347,48 @@ def critic_terms(nets, x, t):
     sc = (F.softplus(-SC(t["l_g"].detach(), t["onehot"])).mean()
           + F.softplus(SC(t["l_ge"].detach(), t["onehot"])).mean())
     return {"dis": dis, "sc": sc}
+
+
+class MinPlayers(nn.Module):
+    """E, Dec, G and C as one module whose forward is min_player_terms, so that under torchrun
+    one DistributedDataParallel wrapper sees one forward and one backward per step (each
+    network is used several times inside it; DDP only needs each gradient once per backward).
+    Dis and SC are held in a plain dict, not as submodules: they are frozen here and belong
+    to Critics."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.players = nn.ModuleDict({k: nets[k] for k in MIN_PLAYERS})
+        self.critics = {k: nets[k] for k in ("discriminator", "self_critic")}
+
+    def forward(self, x, z, c):
+        return min_player_terms({**self.players, **self.critics}, x, z, c)
+
+
+class Critics(nn.Module):
+    """Dis and SC as one module whose forward is critic_terms (one DDP wrapper, one backward
+    of dis + sc: their parameters and inputs are disjoint, so each gets its own gradient)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.nets = nn.ModuleDict({k: nets[k] for k in ("discriminator", "self_critic")})
+
+    def forward(self, x, t):
+        return critic_terms(self.nets, x, t)
+
+
+def check_ranks_agree(nets):
+    """Under torchrun, after training: every rank must hold exactly rank 0's weights (DDP
+    averages every gradient, so the ranks take identical steps); anything else is a bug."""
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().flatten() for m in nets.values() for p in m.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff.item() > 0:
+        raise RuntimeError(f"ranks' weights differ by up to {diff.item():.3g}: gradients were not "
+                           "synchronised")
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,7 +463,8 @@ def save_pictures(run, nets, data, args, device, n_cols=10):
     E, Dec, G = nets["encoder"], nets["decoder"], nets["generator"]
     with eval_mode(E, Dec, G):
         k = args.categories
-        z = torch.rand(n_cols, args.z_dim, device=device).mul_(2).sub_(1).repeat(k, 1)
+        z, _ = sample_prior(n_cols, args.z_dim, args.z_scale, k, device)
+        z = z.repeat(k, 1)
         c = torch.arange(k, device=device).repeat_interleave(n_cols)
         common.save_image_grid(Dec(G(z, F.one_hot(c, k).float())), run.path("samples.png"), n_cols)
 
@@ -401,7 +485,9 @@ def save_pictures(run, nets, data, args, device, n_cols=10):
 # Training
 # ----------------------------------------------------------------------------------------
 def train(args):
-    device = common.get_device(args.device)
+    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
     enc_cfg, nets = build_networks(args, data.image_shape)
@@ -414,11 +500,18 @@ def train(args):
 
     run_dir, start_epoch, step = common.resume_state(args, SCRIPT, nets, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
-    # compiled views for speed; the plain modules are what gets saved and frozen
+    # compiled views for speed, grouped by backward pass and DDP-wrapped under torchrun; the
+    # plain modules are what gets saved, evaluated and frozen
     fast = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}
-    print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
-          f"{len(data.train_x)} train / {len(data.test_x)} test  "
-          f"alpha={args.alpha} beta={args.beta} gamma={args.gamma}")
+    players = common.wrap_ddp(MinPlayers(fast), device)
+    critics_net = common.wrap_ddp(Critics(fast), device)
+    if world > 1:  # DDP gave every rank rank 0's weights; now each draws its own z and c
+        torch.manual_seed(args.seed + rank)
+    quiet = args.no_progress or rank > 0
+    if rank == 0:
+        print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
+              f"{len(data.train_x)} train / {len(data.test_x)} test  processes: {world}  "
+              f"alpha={args.alpha} beta={args.beta} gamma={args.gamma}")
 
     t0 = time.time()
     stats, acc = {}, float("nan")
@@ -427,27 +520,31 @@ def train(args):
             break
         gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
         sums, n_steps = {}, 0
-        bar = common.progress(data.batches("train", args.batch_size, shuffle=True, generator=gen,
-                                           drop_last=True),
-                              total=data.n_batches("train", args.batch_size, drop_last=True),
-                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        per_rank = args.batch_size // world  # --batch-size is the global batch
+        bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=gen,
+                                           drop_last=True, rank=rank, world_size=world),
+                              total=data.n_batches("train", per_rank, drop_last=True,
+                                                   world_size=world),
+                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
         for x, _ in bar:
-            z, c = sample_prior(len(x), args.z_dim, args.categories, device)
+            z, c = sample_prior(len(x), args.z_dim, args.z_scale, args.categories, device)
             # E, Dec, G, C: one step on the weighted sum, Dis and SC frozen
             with common.autocast(device, args.amp):
-                terms, t = min_player_terms(fast, x, z, c)
-                loss = min_player_loss(terms, args.alpha, args.beta, args.gamma)
+                terms, t = players(x, z, c)
+                loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight)
             common.check_finite(loss, step)
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
-            # Dis and SC: one step each on their own loss (inputs detached)
+            # Dis and SC: one step each on their own loss (inputs detached, so one backward
+            # of the sum gives each its own loss's gradient)
             with common.autocast(device, args.amp):
-                critics = critic_terms(fast, x, t)
-            for name, opt in (("dis", "dis_opt"), ("sc", "sc_opt")):
-                optimizers[opt].zero_grad(set_to_none=True)
-                critics[name].backward()
-                optimizers[opt].step()
+                critics = critics_net(x, t)
+            optimizers["dis_opt"].zero_grad(set_to_none=True)
+            optimizers["sc_opt"].zero_grad(set_to_none=True)
+            (critics["dis"] + critics["sc"]).backward()
+            optimizers["dis_opt"].step()
+            optimizers["sc_opt"].step()
 
             step += 1
             n_steps += 1
@@ -460,7 +557,9 @@ def train(args):
                             cls=f"{terms['cls_enc'].item():.2f}")
             if args.max_steps and step >= args.max_steps:
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}  # rank 0's shard
+        if rank > 0:  # evaluation, logs and checkpoints are rank 0's
+            continue
         acc, _, _ = cluster_test_accuracy(nets, data, device)
         run.log(epoch=epoch + 1, step=step, time=time.time() - t0, cluster_acc=acc, **stats)
         if args.no_progress:
@@ -471,6 +570,11 @@ def train(args):
                                step=step, modules={k: m for k, m in nets.items() if k != "encoder"},
                                optimizers=optimizers, extra={"cluster_acc": acc})
 
+    if world > 1:
+        check_ranks_agree(nets)
+    common.finish_distributed()  # the rest is rank 0's alone
+    if rank > 0:
+        return run
     acc, pred, labels = cluster_test_accuracy(nets, data, device)
     save_pictures(run, nets, data, args, device)
     run.log(step=step, test_cluster_acc=acc, cluster_sizes=np.bincount(pred, minlength=args.categories).tolist())

@@ -1,5 +1,6 @@
 """InfoAE: which networks each loss term trains, that each term moves them the right way,
 and the script end to end (run folder, pictures, checkpoint, eval_probe's encoder, resume)."""
+import argparse
 import json
 import os
 
@@ -37,7 +38,7 @@ def batch(digits, args, seed=0, n_prior=N):
     """N real images and n_prior draws of (z, c)."""
     torch.manual_seed(seed)
     x = digits.preprocess(digits.train_x[:N], train=True)
-    z, c = infoae.sample_prior(n_prior, args.z_dim, args.categories, "cpu")
+    z, c = infoae.sample_prior(n_prior, args.z_dim, args.z_scale, args.categories, "cpu")
     return x, z, c
 
 
@@ -90,7 +91,7 @@ def test_critics_frozen_only_while_min_player_terms_are_built(digits):
     x, z, c = batch(digits, args)
     terms, t = infoae.min_player_terms(nets, x, z, c)
     # the graph of every min-player term leaves Dis and SC out ...
-    loss = infoae.min_player_loss(terms, 1.0, 1.0, 0.4)
+    loss = infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0)
     params = {id(p) for k in ("discriminator", "self_critic") for p in nets[k].parameters()}
     seen, stack = set(), [loss.grad_fn]
     while stack:
@@ -119,6 +120,8 @@ def test_weights_scale_the_documented_terms(digits):
     assert torch.allclose(a, 2 * (terms["dec_gen"] + terms["dec_rec"]))
     assert torch.allclose(b, 3 * (terms["cls_gen"] + terms["cls_enc"]))
     assert torch.allclose(g, 0.4 * terms["enc_sc"])
+    r = infoae.min_player_loss(terms, 0.0, 0.0, 0.0, 10.0)
+    assert torch.allclose(r, 10 * terms["rec"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def test_reconstruction_error_falls(digits):
 
 def test_classifier_recovers_c_from_generated_latents(digits):
     args, nets = fresh()
-    z_eval, c_eval = infoae.sample_prior(256, args.z_dim, args.categories, "cpu")
+    z_eval, c_eval = infoae.sample_prior(256, args.z_dim, args.z_scale, args.categories, "cpu")
     acc = lambda: float((nets["classifier"](nets["generator"](
         z_eval, F.one_hot(c_eval, 10).float())).argmax(1) == c_eval).float().mean())
     before = acc()
@@ -243,7 +246,7 @@ def test_script_runs_saves_and_resumes(tmp_path):
     assert set(ckpt["modules"]) == set(NETS) - {"encoder"}
     encoder = common.encoder_from_checkpoint(ckpt)  # what eval_probe.py does
     out = encoder.eval()(torch.zeros(2, 1, 32, 32))
-    assert {"conv", "fc", "y"} <= set(out) and out["y"].shape == (2, 64)  # y is l_e
+    assert {"conv", "fc", "y"} <= set(out) and out["y"].shape == (2, 16)  # y is l_e (--latent-dim)
 
     ckpt_path = run.path("checkpoint.pt")
     resumed = infoae.main(["--epochs", "2", "--max-steps", "5", "--resume", ckpt_path, *flags])
@@ -252,6 +255,31 @@ def test_script_runs_saves_and_resumes(tmp_path):
     with pytest.raises(common.UserError):  # other flags than the original run
         infoae.main(["--epochs", "3", "--width", "16", "--resume", ckpt_path, "--no-progress",
                      "--out-dir", str(tmp_path)])
+
+
+def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path):
+    """Two gloo processes, a couple of steps: a clean exit (the script itself checks at the end
+    that both ranks hold identical weights, i.e. that DDP averaged every gradient), one run
+    folder, and a checkpoint of the plain modules (no DDP "module." prefix)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "infoae.py", "--device", "cpu", "--max-steps", "2", "--epochs", "1", "--width", "8",
+         "--hidden", "64", "--no-progress", "--out-dir", str(tmp_path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and proc.stdout.count("run folder:") == 1
+    assert "processes: 2" in proc.stdout
+    ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
+    _, nets = infoae.build_networks(argparse.Namespace(**ckpt["args"]), (1, 32, 32))
+    for name, state in ckpt["modules"].items():
+        nets[name].load_state_dict(state)  # strict, likewise
 
 
 def test_bad_flags_exit_with_one_line(capsys):
