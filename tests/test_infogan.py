@@ -83,8 +83,11 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
+    # the paper's lambda and no instance noise: the digits defaults (lambda_cat 3, noise
+    # annealed from 1) pay off over thousands of steps; over 60 they leave the continuous
+    # codes nearly unlearnt (correlations ~0.1), and this test checks the information term
     common_flags = ["--no-progress", "--out-dir", str(tmp_path), "--batch-size", "32",
-                    "--traversal-steps", "5"]
+                    "--traversal-steps", "5", "--instance-noise", "0", "--lambda-cat", "1"]
     run = infogan.main(common_flags + ["--epochs", "1", "--max-steps", "30"])
     ckpt_path = run.path("checkpoint.pt")
     assert os.path.exists(run.path("traversal_epoch001.png"))
@@ -106,13 +109,15 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     assert ckpt["step"] == 60 and ckpt["encoder_cfg"]["arch"] == "infogan"
     encoder = common.encoder_from_checkpoint(ckpt).eval()
     shapes = common.tap_shapes(encoder, (1, 32, 32))
-    assert shapes["conv"] == (128, 8, 8) and shapes["fc"] == (1024,) and shapes["y"] == (128,)
+    args = infogan.parse_args([])  # digits defaults: w = 32, fc 256 (the paper's 64, 1024)
+    assert (args.width, args.fc_dim, args.q_dim) == (32, 256, 128)
+    assert shapes["conv"] == (64, 8, 8) and shapes["fc"] == (256,) and shapes["y"] == (128,)
 
     # Q recovers the codes of fresh samples from G far better than chance
-    codes = infogan.Codes(62, 1, 10, 2)
-    gen = infogan.Generator(codes.input_dim, 1, 32)
+    codes = infogan.Codes(args.noise_dim, 1, 10, 2)
+    gen = infogan.Generator(codes.input_dim, 1, 32, args.width, args.fc_dim)
     gen.load_state_dict(ckpt["modules"]["generator"])
-    q_head = infogan.QHead(codes)
+    q_head = infogan.QHead(codes, args.q_dim, args.learn_cont_var)
     q_head.load_state_dict(ckpt["modules"]["q_head"])
     gen.eval()
     g = torch.Generator().manual_seed(123)
@@ -126,3 +131,47 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     # lambda_cont = 0.1 makes the continuous codes slower to learn; with 2000 samples a
     # correlation's spread under independence is about 0.02
     assert min(corr) > 0.15, corr
+
+
+def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path):
+    """DDP end to end with two gloo processes: a clean exit, one run folder, and a checkpoint
+    whose networks load without DDP's "module." prefixes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "infogan.py", "--device", "cpu", "--max-steps", "2", "--no-progress",
+         "--out-dir", str(tmp_path), "--traversal-steps", "3"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and proc.stdout.count("run folder:") == 1
+    assert proc.stdout.count("cluster acc") == 1  # only rank 0 evaluates and prints
+    lines = [json.loads(l) for l in open(runs[0] / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [2, 2]  # one epoch line and the final line, once
+    ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 32
+    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
+    args = infogan.parse_args([])
+    codes = infogan.Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
+    infogan.Generator(codes.input_dim, 1, 32, args.width, args.fc_dim).load_state_dict(
+        ckpt["modules"]["generator"])
+
+
+def test_networks_have_the_paper_sizes_except_on_the_small_digits():
+    paper = infogan.parse_args(["--dataset", "mnist"])
+    assert (paper.width, paper.fc_dim, paper.q_dim) == (64, 1024, 128)
+    digits = infogan.parse_args([])
+    assert (digits.width, digits.fc_dim) == (32, 256)
+    assert infogan.parse_args(["--width", "64"]).width == 64  # a flag beats the default
+
+
+def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():
+    x = torch.zeros(64, 1, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    assert infogan.instance_noise(x, 0.0, g) is x
+    noisy = infogan.instance_noise(x, 0.7, g)
+    assert noisy.shape == x.shape and noisy.std().item() == pytest.approx(0.7, rel=0.02)
+    assert abs(noisy.mean().item()) < 0.01
