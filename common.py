@@ -1115,6 +1115,26 @@ PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0]
                         [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
 
 
+class StandardizedDCGANEncoder(DCGANEncoder):
+    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
+    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
+    shared_exclusive.py's shared code S: an unbounded S lets the critics' first layers undo
+    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
+    constant part) instead of by removing what X and Y do not share."""
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__(in_channels, image_size, y_dim, fc_dim)
+        self.y_norm = nn.BatchNorm1d(y_dim, affine=False)
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["y"] = self.y_norm(out["y"])
+        return out
+
+
+ENCODERS["dcgan-std"] = StandardizedDCGANEncoder
+
+
 def same_class_partners(labels, generator):
     """For every image, a different image of the same class (uniformly among them)."""
     partner = torch.empty_like(labels)
@@ -1174,20 +1194,26 @@ class PairData:
             setattr(self, k, getattr(self, k).to(device))
         return self
 
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False):
-        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device."""
+    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+                rank=0, world_size=1):
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device.
+        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
         x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
                      (self.test_x, self.test_y, self.test_labels))
         n = len(x)
-        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x.device)
-        stop = n - batch_size + 1 if drop_last else n
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if world_size > 1:  # shard: every rank sees the same number of batches
+            per_rank = n // world_size
+            order = order[rank * per_rank:(rank + 1) * per_rank]
+        order = order.to(x.device)
+        stop = len(order) - batch_size + 1 if drop_last else len(order)
         for i in range(0, max(stop, 0), batch_size):
             idx = order[i:i + batch_size]
             yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
                    lab[idx])
 
-    def n_batches(self, split, batch_size, drop_last=False):
-        n = len(self.train_x if split == "train" else self.test_x)
+    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
+        n = len(self.train_x if split == "train" else self.test_x) // world_size
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
     def domain(self, which, label="digit"):
