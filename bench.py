@@ -142,7 +142,7 @@ def bench_dim(args, device, peak, variant):
     return rows
 
 
-def bench_script(name, args, device, peak):
+def bench_script(name, args, device, peak, extra=(), label="step"):
     """End-to-end: two short runs. Optimiser steps are time-stamped (a global post-step hook),
     so the step time is read between the first and the last training step of the longer run,
     free of set-up and final evaluation; FLOPs are the difference between the two runs."""
@@ -157,6 +157,7 @@ def bench_script(name, args, device, peak):
         for steps in (3, 3 + 2 * args.repeats):
             argv = ["--no-progress", "--max-steps", str(steps), "--batch-size", str(args.batch_size),
                     "--device", device.type, "--epochs", "1000"] + (["--amp"] if args.amp else [])
+            argv += list(extra)
             stamps.clear()
             with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
                 margs = module.parse_args(argv + ["--out-dir", tmp])
@@ -169,12 +170,27 @@ def bench_script(name, args, device, peak):
     per_step = (len(s2) - len(s1)) // (k2 - k1)  # optimiser steps per training step
     if per_step < 1 or len(s2) < k2 * per_step:
         raise RuntimeError(f"{name}: could not find its training steps among {len(s2)} optimiser steps")
-    # stages (shared_exclusive) run --max-steps each: only the first stage's steps are timed
     sec = (s2[k2 * per_step - 1] - s2[per_step - 1]) / (k2 - 1)
     fl = (f2 - f1) / (k2 - k1)
-    return [{"script": name, "part": f"step ({per_step} optimiser steps)", "ms": 1000 * sec,
+    return [{"script": name, "part": f"{label} ({per_step} optimiser steps)", "ms": 1000 * sec,
              "img/s": args.batch_size / sec, "GFLOP": fl / 1e9, "peak frac": fl / sec / peak,
              "peak MiB": peak_memory_mb(device)}]
+
+
+def bench_shared_exclusive(args, device, peak):
+    """Its two stages timed apart (each has its own optimiser steps per training step);
+    stage 2 starts from a one-step stage-1 checkpoint."""
+    import tempfile
+    import shared_exclusive
+    rows = bench_script("shared_exclusive", args, device, peak, extra=["--stage", "1"],
+                        label="stage 1 step")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        run, _ = shared_exclusive.train(shared_exclusive.parse_args(
+            ["--no-progress", "--stage", "1", "--max-steps", "1", "--device", device.type,
+             "--out-dir", tmp]))
+        rows += bench_script("shared_exclusive", args, device, peak, label="stage 2 step",
+                             extra=["--stage", "2", "--shared-from", run.path("checkpoint.pt")])
+    return rows
 
 
 def main(argv=None):
@@ -188,11 +204,11 @@ def main(argv=None):
     if args.only in ("all", "dim"):
         rows += bench_dim(args, device, peak, "dim_local") + bench_dim(args, device, peak, "dim_global")
     if args.only in ("all", "scripts"):
-        for name in ("infogan", "infoae", "shared_exclusive"):
-            try:
-                rows += bench_script(name, args, device, peak)
-            except ImportError:
-                print(f"{name}.py not found; skipped")
+        rows += bench_script("infogan", args, device, peak)
+        rows += bench_script("infogan", args, device, peak, label="step, paper widths",
+                             extra=["--width", "64", "--fc-dim", "1024"])
+        rows += bench_script("infoae", args, device, peak)
+        rows += bench_shared_exclusive(args, device, peak)
     for r in rows:
         r.setdefault("peak MiB", float("nan"))
     common.print_table(rows)
