@@ -193,20 +193,31 @@ class Data:
                 rank=0, world_size=1):
         """Yield (float images, labels) on the data's device; no DataLoader, no workers."""
         x, y = self.split(split)
-        n = len(x)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:  # shard: every rank sees the same number of batches
-            per_rank = n // world_size
-            order = order[rank * per_rank:(rank + 1) * per_rank]
-        order = order.to(x.device)
-        stop = len(order) - batch_size + 1 if drop_last else len(order)
-        for i in range(0, max(stop, 0), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+                                 world_size, x.device):
             yield self.preprocess(x[idx], train=(split == "train"), generator=generator), y[idx]
 
     def n_batches(self, split, batch_size, drop_last=False, world_size=1):
-        n = len(self.split(split)[0]) // world_size
-        return n // batch_size if drop_last else math.ceil(n / batch_size)
+        return count_batches(len(self.split(split)[0]), batch_size, drop_last, world_size)
+
+
+def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
+    """Index tensors of one pass over n examples. Under torchrun every rank draws the same
+    order (same generator seed) and takes its own slice, so all see the same number of batches."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        per_rank = n // world_size
+        order = order[rank * per_rank:(rank + 1) * per_rank]
+    order = order.to(device)
+    stop = len(order) - batch_size + 1 if drop_last else len(order)
+    for i in range(0, max(stop, 0), batch_size):
+        yield order[i:i + batch_size]
+
+
+def count_batches(n, batch_size, drop_last=False, world_size=1):
+    """How many batches batch_indices yields for each rank."""
+    n //= world_size
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def load_digits_data(test_fraction=0.2, size=32):
@@ -844,6 +855,25 @@ def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="
     return {t: torch.cat(v).numpy() for t, v in feats.items()}, torch.cat(labels).numpy()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(encoder, data, device, batch_size=500):
+    """Reset the encoder's running BatchNorm statistics to those of the real training images.
+    GAN-style training normalises real and generated batches alike, so the running averages
+    it leaves mix both, while the encoder is evaluated (and probed by eval_probe.py) on real
+    images. Training is unaffected: it normalises with each batch's own statistics."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+        m.train()
+    for x, _ in data.batches("train", batch_size):
+        encoder(x.to(device))
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
 def cluster_accuracy(pred, labels):
     """Accuracy of cluster ids `pred` under the best one-to-one matching to `labels`
     (Hungarian algorithm). Clusters left unmatched count as errors."""
@@ -1207,21 +1237,14 @@ class PairData:
         Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
         x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
                      (self.test_x, self.test_y, self.test_labels))
-        n = len(x)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:  # shard: every rank sees the same number of batches
-            per_rank = n // world_size
-            order = order[rank * per_rank:(rank + 1) * per_rank]
-        order = order.to(x.device)
-        stop = len(order) - batch_size + 1 if drop_last else len(order)
-        for i in range(0, max(stop, 0), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+                                 world_size, x.device):
             yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
                    lab[idx])
 
     def n_batches(self, split, batch_size, drop_last=False, world_size=1):
-        n = len(self.train_x if split == "train" else self.test_x) // world_size
-        return n // batch_size if drop_last else math.ceil(n / batch_size)
+        return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
+                             drop_last, world_size)
 
     def domain(self, which, label="digit"):
         """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the

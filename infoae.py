@@ -407,25 +407,6 @@ def eval_mode(*modules):
             m.train(w)
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(encoder, data, device, batch_size=500):
-    """Running BatchNorm statistics of E from real training images only. Training updates
-    them with real and generated batches alike; E is evaluated (and used by eval_probe.py) on
-    real images, so those statistics are the ones to keep. Training is unaffected (it
-    normalises with each batch's own statistics)."""
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the pass
-        m.train()
-    for x, _ in data.batches("train", batch_size):
-        encoder(x.to(device))
-    for m, (momentum, training) in zip(bns, saved):
-        m.momentum = momentum
-        m.train(training)
-
-
 def predict_clusters(encoder, classifier, data, split, device, batch_size=500):
     """argmax C(E(x)) for every image of a split, and the labels (numpy)."""
     preds, labels = [], []
@@ -437,7 +418,7 @@ def predict_clusters(encoder, classifier, data, split, device, batch_size=500):
 
 
 def cluster_test_accuracy(nets, data, device):
-    recalibrate_batchnorm(nets["encoder"], data, device)
+    common.recalibrate_batchnorm(nets["encoder"], data, device)
     pred, labels = predict_clusters(nets["encoder"], nets["classifier"], data, "test", device)
     return float(common.cluster_accuracy(pred, labels)), pred, labels
 

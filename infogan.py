@@ -265,25 +265,6 @@ def write_grids(generator, codes, fixed, run, epoch, steps):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(encoder, data, device, batch_size=500):
-    """The encoder's running BatchNorm statistics from real training images only. Training
-    normalises real and fake images together, so the running averages it leaves behind mix
-    both; Q is evaluated (and eval_probe.py probes the encoder) on real images. Training
-    itself is unaffected: it normalises with each batch's own statistics."""
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
-        m.train()
-    for x, _ in data.batches("train", batch_size):
-        encoder(x.to(device))
-    for m, (momentum, training) in zip(bns, saved):
-        m.momentum = momentum
-        m.train(training)
-
-
-@torch.no_grad()
 def cluster_accuracies(encoder, q_head, data, device, split="test"):
     """Clustering accuracy of argmax Q(c_cat | x) for every categorical code: each code's
     categories matched one-to-one to the labels (Hungarian), unmatched ones counted wrong."""
@@ -435,7 +416,7 @@ def train(args):
         if args.n_cat and rank == 0:  # I(c_cat; x) >= H(c_cat) - CE, in nats
             stats["mi_cat_lower_bound"] = args.n_cat * np.log(args.cat_dim) - stats["cat_ce"]
             stats["cluster_acc_mixed_bn"] = cluster_accuracies(encoder, q_head, data, device)[0]
-            recalibrate_batchnorm(encoder, data, device)
+            common.recalibrate_batchnorm(encoder, data, device)
             stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
         last = epoch + 1 == args.epochs or (args.max_steps and step >= args.max_steps)
         if rank == 0 and ((epoch + 1) % args.image_every == 0 or last):

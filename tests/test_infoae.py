@@ -219,7 +219,7 @@ def test_encoder_batchnorm_statistics_come_from_real_images(digits):
     encoder = nets["encoder"]
     with torch.no_grad():  # skew the running statistics as generated batches would
         encoder(torch.rand(64, 1, 32, 32) * 2 - 1)
-    infoae.recalibrate_batchnorm(encoder, digits, "cpu")
+    common.recalibrate_batchnorm(encoder, digits, "cpu")
     assert encoder.training and encoder.c2[1].momentum == 0.1  # left as it was
     encoder.eval()
     with torch.no_grad():  # BN output (gamma 1, beta 0 at init) then has mean ~0 on real images
