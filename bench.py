@@ -7,11 +7,11 @@
 For DIM the step is split into encoder (forward+backward), critics (forward+backward from
 detached features) and the bound itself (from a detached score tensor), each timed on its own
 after warm-up, with FLOPs counted by torch.utils.flop_counter. The other scripts are timed end
-to end: two runs with different --max-steps; the step time is read from time stamps of the
-optimiser steps (set-up and final evaluation excluded) and the FLOPs are the difference of the
-two runs divided by the difference in steps. The matmul peak is measured
-on this machine first (a large fp32 or bf16 matmul), and each step's achieved FLOP/s is quoted
-as a fraction of it.
+to end: the step time is read from time stamps of the optimiser steps of one run (set-up and
+final evaluation excluded), and the FLOPs of a step are the difference between a one-step and
+a two-step run under the FLOP counter (which is too slow to be timed itself). The matmul
+peak is measured on this machine first (a large fp32 or bf16 matmul), and each step's
+achieved FLOP/s is quoted as a fraction of it.
 """
 import argparse
 import contextlib
@@ -143,9 +143,12 @@ def bench_dim(args, device, peak, variant):
 
 
 def bench_script(name, args, device, peak, extra=(), label="step"):
-    """End-to-end: two short runs. Optimiser steps are time-stamped (a global post-step hook),
-    so the step time is read between the first and the last training step of the longer run,
-    free of set-up and final evaluation; FLOPs are the difference between the two runs."""
+    """End-to-end. Optimiser steps are time-stamped (a global post-step hook), so the step
+    time is read between the first and the last training step of a run, free of set-up and
+    final evaluation. FLOPs come from two shorter runs under FlopCounterMode (the difference
+    divided by the difference in steps); the timed run is not one of them, because the
+    counter intercepts every operator and made a step of many small ones (InfoGAN's) about
+    1.5x slower."""
     import importlib
     import tempfile
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -154,23 +157,25 @@ def bench_script(name, args, device, peak, extra=(), label="step"):
     handle = register_optimizer_step_post_hook(lambda *_: (sync(device), stamps.append(time.perf_counter())))
     runs = []
     try:
-        for steps in (3, 3 + 2 * args.repeats):
+        for steps, counted in ((1, True), (2, True), (3 + 2 * args.repeats, False)):
             argv = ["--no-progress", "--max-steps", str(steps), "--batch-size", str(args.batch_size),
                     "--device", device.type, "--epochs", "1000"] + (["--amp"] if args.amp else [])
             argv += list(extra)
             stamps.clear()
             with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
                 margs = module.parse_args(argv + ["--out-dir", tmp])
-                with FlopCounterMode(display=False) as counter:
+                counter = FlopCounterMode(display=False) if counted else None
+                with counter or contextlib.nullcontext():
                     module.train(margs)
-            runs.append((steps, list(stamps), counter.get_total_flops()))
+            runs.append((steps, list(stamps), counter.get_total_flops() if counted else None))
     finally:
         handle.remove()
-    (k1, s1, f1), (k2, s2, f2) = runs
-    per_step = (len(s2) - len(s1)) // (k2 - k1)  # optimiser steps per training step
-    if per_step < 1 or len(s2) < k2 * per_step:
-        raise RuntimeError(f"{name}: could not find its training steps among {len(s2)} optimiser steps")
-    sec = (s2[k2 * per_step - 1] - s2[per_step - 1]) / (k2 - 1)
+    (k1, s1, f1), (k2, s2, f2), (k3, s3, _) = runs
+    per_step = len(s2) - len(s1)  # optimiser steps per training step
+    if per_step < 1 or len(s3) < k3 * per_step:
+        raise RuntimeError(f"{name}: could not find its training steps among {len(s3)} optimiser steps")
+    # from the end of the first training step (warm-up) to the end of the last
+    sec = (s3[k3 * per_step - 1] - s3[per_step - 1]) / (k3 - 1)
     fl = (f2 - f1) / (k2 - k1)
     return [{"script": name, "part": f"{label} ({per_step} optimiser steps)", "ms": 1000 * sec,
              "img/s": args.batch_size / sec, "GFLOP": fl / 1e9, "peak frac": fl / sec / peak,
