@@ -12,7 +12,8 @@ import common
 import infoae
 
 N = 16
-NETS = ("encoder", "decoder", "generator", "classifier", "discriminator", "self_critic")
+NETS = ("encoder", "decoder", "generator", "classifier", "discriminator", "self_critic",
+        "latent_critic")
 
 
 def small_args(**kw):
@@ -42,9 +43,9 @@ def batch(digits, args, seed=0, n_prior=N):
     return x, z, c
 
 
-def all_terms(nets, x, z, c):
-    terms, t = infoae.min_player_terms(nets, x, z, c)
-    return {**terms, **infoae.critic_terms(nets, x, t)}
+def all_terms(nets, x, z, c, sigma=0.0):
+    terms, t = infoae.min_player_terms(nets, x, z, c, sigma)
+    return {**terms, **infoae.critic_terms(nets, x, t, sigma)}
 
 
 def grad_norms(nets):
@@ -63,21 +64,25 @@ EXPECTED = {"rec": {"encoder", "decoder"},
             "cls_gen": {"generator", "classifier"},
             "cls_enc": {"encoder", "decoder", "generator", "classifier"},
             "enc_sc": {"encoder", "decoder", "generator"},
+            "enc_lat": {"encoder"},
+            "gen_lat": {"generator"},
             "dis": {"discriminator"},
-            "sc": {"self_critic"}}
+            "sc": {"self_critic"},
+            "lat": {"latent_critic"}}
 
 
 def test_the_script_documents_the_same_table():
     assert infoae.TRAINS == EXPECTED
 
 
+@pytest.mark.parametrize("sigma", [0.0, 0.5])  # instance noise must not move the boundaries
 @pytest.mark.parametrize("term", sorted(EXPECTED))
-def test_each_term_trains_only_its_networks(digits, term):
+def test_each_term_trains_only_its_networks(digits, term, sigma):
     args, nets = fresh()
     x, z, c = batch(digits, args)
     for m in nets.values():
         m.zero_grad(set_to_none=True)
-    all_terms(nets, x, z, c)[term].backward()
+    all_terms(nets, x, z, c, sigma)[term].backward()
     norms = grad_norms(nets)
     reached = {k for k, v in norms.items() if v > 0}
     assert reached == EXPECTED[term], (term, norms)
@@ -90,9 +95,10 @@ def test_critics_frozen_only_while_min_player_terms_are_built(digits):
     args, nets = fresh()
     x, z, c = batch(digits, args)
     terms, t = infoae.min_player_terms(nets, x, z, c)
-    # the graph of every min-player term leaves Dis and SC out ...
+    # the graph of every min-player term leaves the critics Dis, SC and LC out ...
     loss = infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0)
-    params = {id(p) for k in ("discriminator", "self_critic") for p in nets[k].parameters()}
+    loss = loss + terms["enc_lat"] + terms["gen_lat"]
+    params = {id(p) for k in infoae.CRITICS for p in nets[k].parameters()}
     seen, stack = set(), [loss.grad_fn]
     while stack:
         fn = stack.pop()
@@ -105,7 +111,25 @@ def test_critics_frozen_only_while_min_player_terms_are_built(digits):
     # ... and the critics train again afterwards
     assert all(p.requires_grad for k in NETS for p in nets[k].parameters())
     # the tensors handed to the critics carry the min-players' graph; critic_terms detaches them
-    assert t["x_g"].requires_grad and t["l_ge"].requires_grad
+    assert t["x_g"].requires_grad and t["l_ge"].requires_grad and t["l_e"].requires_grad
+
+
+def test_instance_noise_reaches_only_the_images_dis_and_e_judge(digits):
+    # noise on what Dis reads and on the generated images E reads; none on E's real images
+    # (so rec, l_e and the latent terms are unchanged) nor on G's latents
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        clean = all_terms(nets, x, z, c, 0.0)
+        torch.manual_seed(5)
+        noisy = all_terms(nets, x, z, c, 1.0)
+    for k in ("rec", "cls_gen", "enc_lat", "gen_lat", "lat"):
+        assert torch.allclose(clean[k], noisy[k]), k
+    for k in ("dec_gen", "dec_rec", "cls_enc", "enc_sc", "dis", "sc"):
+        assert not torch.allclose(clean[k], noisy[k]), k
+    img = torch.zeros(2000)
+    assert infoae.noisy(img, 0.0) is img and abs(float(infoae.noisy(img, 0.5).std()) - 0.5) < 0.05
 
 
 def test_weights_scale_the_documented_terms(digits):
@@ -122,6 +146,13 @@ def test_weights_scale_the_documented_terms(digits):
     assert torch.allclose(g, 0.4 * terms["enc_sc"])
     r = infoae.min_player_loss(terms, 0.0, 0.0, 0.0, 10.0)
     assert torch.allclose(r, 10 * terms["rec"])
+    le = infoae.min_player_loss(terms, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0) - base
+    lg = infoae.min_player_loss(terms, 0.0, 0.0, 0.0, 1.0, 0.0, 0.25) - base
+    assert torch.allclose(le, 0.5 * terms["enc_lat"])
+    assert torch.allclose(lg, 0.25 * terms["gen_lat"])
+    # the paper's loss (the latent terms' weights default to 0) leaves them out
+    assert torch.allclose(infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0),
+                          infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0, 0.0, 0.0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,6 +245,29 @@ def test_self_critic_and_encoder_play_their_sides(digits):
     assert fake_logit() > caught + 1.0  # E moves l_ge to where SC says "real"
 
 
+def test_latent_critic_and_encoder_and_generator_play_their_sides(digits):
+    args, nets = fresh()
+    x, z, c = batch(digits, args)
+    LC = nets["latent_critic"]
+
+    def logits():  # LC's mean logit on E(x) ("fake") and on G(z,c) ("real")
+        with torch.no_grad():
+            _, t = infoae.min_player_terms(nets, x, z, c)
+            return float(LC(t["l_e"]).mean()), float(LC(t["l_g"]).mean())
+    before = float(all_terms(nets, x, z, c)["lat"].detach())
+    steps_on("lat", nets, lambda i: (x, z, c), 30)
+    assert float(all_terms(nets, x, z, c)["lat"].detach()) < 0.5 * before  # LC separates them
+    on_e, on_g = logits()
+    assert on_g > on_e  # right way round: G(z,c) is "real"
+    steps_on("enc_lat", nets, lambda i: (x, z, c), 10)
+    assert logits()[0] > on_e + 1.0  # E moves E(x) to where LC says "real" ...
+    assert logits()[1] == pytest.approx(on_g)  # ... and G's latents did not move
+    on_e, on_g = logits()
+    steps_on("gen_lat", nets, lambda i: (x, z, c), 10)
+    assert logits()[1] < on_g - 1.0  # G moves G(z,c) to where LC says "fake", i.e. towards E(x)
+    assert logits()[0] == pytest.approx(on_e)
+
+
 def test_encoder_batchnorm_statistics_come_from_real_images(digits):
     args, nets = fresh()
     encoder = nets["encoder"]
@@ -280,6 +334,14 @@ def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path)
     _, nets = infoae.build_networks(argparse.Namespace(**ckpt["args"]), (1, 32, 32))
     for name, state in ckpt["modules"].items():
         nets[name].load_state_dict(state)  # strict, likewise
+
+
+def test_departures_from_the_paper_default_on_for_digits_only():
+    paper = infoae.parse_args(["--dataset", "mnist"])
+    assert (paper.latent_adv, paper.latent_adv_gen, paper.instance_noise, paper.beta) == (0, 0, 0, 1)
+    digits = infoae.parse_args([])
+    assert (digits.latent_adv, digits.latent_adv_gen, digits.instance_noise, digits.beta) == (1, 1, 1, 2)
+    assert infoae.parse_args(["--latent-adv", "0"]).latent_adv == 0  # a flag given wins
 
 
 def test_bad_flags_exit_with_one_line(capsys):
