@@ -213,6 +213,8 @@ def main(argv=None):
         rows += bench_script("infogan", args, device, peak, label="step, paper widths",
                              extra=["--width", "64", "--fc-dim", "1024"])
         rows += bench_script("infoae", args, device, peak)
+        rows += bench_script("infoae", args, device, peak, label="step, paper widths",
+                             extra=["--width", "64", "--hidden", "512"])
         rows += bench_shared_exclusive(args, device, peak)
     for r in rows:
         r.setdefault("peak MiB", float("nan"))
