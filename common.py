@@ -855,6 +855,17 @@ def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="
     return {t: torch.cat(v).numpy() for t, v in feats.items()}, torch.cat(labels).numpy()
 
 
+def instance_noise(images, sigma, generator=None):
+    """images + N(0, sigma^2) instance noise (Sonderby et al. 2016), the images themselves when
+    sigma is 0. With a `generator` the noise is drawn on the CPU from it (reproducible per
+    rank), else from the images' device's default generator."""
+    if sigma == 0:
+        return images
+    if generator is None:
+        return images + sigma * torch.randn_like(images)
+    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(encoder, data, device, batch_size=500):
     """Reset the encoder's running BatchNorm statistics to those of the real training images.

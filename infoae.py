@@ -407,11 +407,6 @@ def frozen(*modules):
                 p.requires_grad_(f)
 
 
-def noisy(images, sigma):
-    """images + N(0, sigma^2) instance noise (nothing when sigma is 0)."""
-    return images if sigma == 0 else images + sigma * torch.randn_like(images)
-
-
 def min_player_terms(nets, x, z, c, sigma=0.0):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. sigma: instance noise on
@@ -426,13 +421,13 @@ def min_player_terms(nets, x, z, c, sigma=0.0):
     with frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images
-        l_ge = E(noisy(x_g, sigma))["y"]  # E(Dec(G(z, c)))
+        l_ge = E(common.instance_noise(x_g, sigma))["y"]  # E(Dec(G(z, c)))
         l_e = E(x)["y"]  # E(x)
         x_r = Dec(l_e)  # reconstructions
         terms = {
             "rec": F.mse_loss(x_r, x),
-            "dec_gen": F.softplus(-Dis(noisy(x_g, sigma))).mean(),
-            "dec_rec": F.softplus(-Dis(noisy(x_r, sigma))).mean(),
+            "dec_gen": F.softplus(-Dis(common.instance_noise(x_g, sigma))).mean(),
+            "dec_rec": F.softplus(-Dis(common.instance_noise(x_r, sigma))).mean(),
             "cls_gen": F.cross_entropy(C(l_g), c),
             "cls_enc": F.cross_entropy(C(l_ge), c),
             "enc_sc": F.softplus(-SC(l_ge, onehot)).mean(),
@@ -453,9 +448,9 @@ def critic_terms(nets, x, t, sigma=0.0):
     """Dis: real images vs generated and reconstructed ones. SC: (l_g, c) real vs (l_ge, c)
     fake. LC: l_g real vs l_e = E(x) fake. Inputs detached, so only the critics get gradients."""
     Dis, SC, LC = (nets[k] for k in CRITICS)
-    dis = F.softplus(-Dis(noisy(x, sigma))).mean() + 0.5 * (
-        F.softplus(Dis(noisy(t["x_g"].detach(), sigma))).mean()
-        + F.softplus(Dis(noisy(t["x_r"].detach(), sigma))).mean())
+    dis = F.softplus(-Dis(common.instance_noise(x, sigma))).mean() + 0.5 * (
+        F.softplus(Dis(common.instance_noise(t["x_g"].detach(), sigma))).mean()
+        + F.softplus(Dis(common.instance_noise(t["x_r"].detach(), sigma))).mean())
     sc = (F.softplus(-SC(t["l_g"].detach(), t["onehot"])).mean()
           + F.softplus(SC(t["l_ge"].detach(), t["onehot"])).mean())
     lat = F.softplus(-LC(t["l_g"].detach())).mean() + F.softplus(LC(t["l_e"].detach())).mean()

@@ -280,13 +280,6 @@ def cluster_accuracies(encoder, q_head, data, device, split="test"):
     return [float(common.cluster_accuracy(preds[:, i], labels)) for i in range(preds.shape[1])]
 
 
-def instance_noise(images, sigma, generator=None):
-    """images + N(0, sigma^2) noise, drawn on the CPU from `generator` (reproducible per rank)."""
-    if sigma == 0:
-        return images
-    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
-
-
 def dcgan_init(module):
     """Weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0 (DCGAN's recipe, which
     InfoGAN's networks follow); PyTorch's default init saturates G's tanh at the start."""
@@ -379,7 +372,7 @@ def train(args):
             # recover the fake's codes
             with common.autocast(device, args.amp):
                 fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
-                out = enc(instance_noise(torch.cat([x, fake.detach()]), sigma, noise_gen))
+                out = enc(common.instance_noise(torch.cat([x, fake.detach()]), sigma, noise_gen))
                 d_real, d_fake = d_net(out["fc"]).float().split(n)
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 i_loss, ce, nll = info_loss(q_net(out["y"][n:]), cat, cont, **lam)
@@ -392,7 +385,7 @@ def train(args):
             # G: fool D (non-saturating) and make the codes recoverable by Q
             set_requires_grad([encoder, d_head, q_head], False)
             with common.autocast(device, args.amp):
-                out = enc_g(instance_noise(torch.cat([x, fake]), sigma, noise_gen))  # as D saw it
+                out = enc_g(common.instance_noise(torch.cat([x, fake]), sigma, noise_gen))  # as D saw it
                 g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
                 g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
                 g_loss = g_gan + g_info

@@ -129,7 +129,7 @@ def test_instance_noise_reaches_only_the_images_dis_and_e_judge(digits):
     for k in ("dec_gen", "dec_rec", "cls_enc", "enc_sc", "dis", "sc"):
         assert not torch.allclose(clean[k], noisy[k]), k
     img = torch.zeros(2000)
-    assert infoae.noisy(img, 0.0) is img and abs(float(infoae.noisy(img, 0.5).std()) - 0.5) < 0.05
+    assert common.instance_noise(img, 0.0) is img and abs(float(common.instance_noise(img, 0.5).std()) - 0.5) < 0.05
 
 
 def test_weights_scale_the_documented_terms(digits):

@@ -171,7 +171,7 @@ def test_networks_have_the_paper_sizes_except_on_the_small_digits():
 def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():
     x = torch.zeros(64, 1, 32, 32)
     g = torch.Generator().manual_seed(0)
-    assert infogan.instance_noise(x, 0.0, g) is x
-    noisy = infogan.instance_noise(x, 0.7, g)
+    assert common.instance_noise(x, 0.0, g) is x
+    noisy = common.instance_noise(x, 0.7, g)
     assert noisy.shape == x.shape and noisy.std().item() == pytest.approx(0.7, rel=0.02)
     assert abs(noisy.mean().item()) < 0.01
