@@ -66,6 +66,7 @@ EXPECTED = {"rec": {"encoder", "decoder"},
             "enc_sc": {"encoder", "decoder", "generator"},
             "enc_lat": {"encoder"},
             "gen_lat": {"generator"},
+            "clu_mi": {"encoder", "classifier"},
             "dis": {"discriminator"},
             "sc": {"self_critic"},
             "lat": {"latent_critic"}}
@@ -97,7 +98,7 @@ def test_critics_frozen_only_while_min_player_terms_are_built(digits):
     terms, t = infoae.min_player_terms(nets, x, z, c)
     # the graph of every min-player term leaves the critics Dis, SC and LC out ...
     loss = infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0)
-    loss = loss + terms["enc_lat"] + terms["gen_lat"]
+    loss = loss + terms["enc_lat"] + terms["gen_lat"] + terms["clu_mi"]
     params = {id(p) for k in infoae.CRITICS for p in nets[k].parameters()}
     seen, stack = set(), [loss.grad_fn]
     while stack:
@@ -124,7 +125,7 @@ def test_instance_noise_reaches_only_the_images_dis_and_e_judge(digits):
         clean = all_terms(nets, x, z, c, 0.0)
         torch.manual_seed(5)
         noisy = all_terms(nets, x, z, c, 1.0)
-    for k in ("rec", "cls_gen", "enc_lat", "gen_lat", "lat"):
+    for k in ("rec", "cls_gen", "enc_lat", "gen_lat", "clu_mi", "lat"):
         assert torch.allclose(clean[k], noisy[k]), k
     for k in ("dec_gen", "dec_rec", "cls_enc", "enc_sc", "dis", "sc"):
         assert not torch.allclose(clean[k], noisy[k]), k
@@ -150,9 +151,15 @@ def test_weights_scale_the_documented_terms(digits):
     lg = infoae.min_player_loss(terms, 0.0, 0.0, 0.0, 1.0, 0.0, 0.25) - base
     assert torch.allclose(le, 0.5 * terms["enc_lat"])
     assert torch.allclose(lg, 0.25 * terms["gen_lat"])
-    # the paper's loss (the latent terms' weights default to 0) leaves them out
+    # clu_mi is ~0 for an untrained C at balance 1 (no information yet); at 2 it is not
+    terms_2, _ = infoae.min_player_terms(nets, x, z, c, balance=2.0)
+    assert float(terms_2["clu_mi"].detach()) < -1.0
+    cm = (infoae.min_player_loss(terms_2, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 3.0)
+          - infoae.min_player_loss(terms_2, 0.0, 0.0, 0.0))
+    assert torch.allclose(cm, 3 * terms_2["clu_mi"])
+    # the paper's loss (the latent and clustering terms' weights default to 0) leaves them out
     assert torch.allclose(infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0),
-                          infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0, 0.0, 0.0))
+                          infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0, 0.0, 0.0, 0.0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,6 +275,81 @@ def test_latent_critic_and_encoder_and_generator_play_their_sides(digits):
     assert logits()[0] == pytest.approx(on_e)
 
 
+def test_random_affine_warps_each_digit_a_little(digits):
+    x = digits.preprocess(digits.train_x[:64], train=True)
+    torch.manual_seed(0)
+    w = infoae.random_affine(x)
+    assert w.shape == x.shape and w.dtype == x.dtype
+    assert w.min() >= -1 - 1e-5 and w.max() <= 1 + 1e-5  # still images in [-1, 1]
+    moved = (w - x).abs().flatten(1).mean(1)
+    assert (moved > 0.01).all()  # every image changed, each by its own warp ...
+    assert len(set(moved.tolist())) == len(x)
+    # ... but little: the ink moves, it does not vanish or fill the frame (what enters is
+    # background, -1)
+    ink = lambda t: (t + 1).flatten(1).sum(1)
+    assert ((ink(w) / ink(x) - 1).abs() < 0.6).all()
+    # scaling alone: width and height are scaled apart (a wide 1 can become a narrow one).
+    # On a round blob in mid-frame (nothing cropped) the ink's spread across and down
+    # changes by different factors
+    r2 = (torch.arange(32.0) - 15.5).square()
+    blob = (torch.exp(-(r2[:, None] + r2[None, :]) / 20) * 2 - 1).expand(64, 1, 32, 32)
+    def spread(t, dim):  # ink-weighted variance of the column (dim 3) or row (dim 2) index
+        ink = (t + 1).squeeze(1)
+        pos = torch.arange(32.0).view(*([1, 1, 32] if dim == 3 else [1, 32, 1]))
+        mean = (ink * pos).sum((1, 2)) / ink.sum((1, 2))
+        return (ink * (pos - mean.view(-1, 1, 1)) ** 2).sum((1, 2)) / ink.sum((1, 2))
+    scaled = infoae.random_affine(blob, max_rotate=0.0, max_shift=0.0)
+    wide, tall = spread(scaled, 3) / spread(blob, 3), spread(scaled, 2) / spread(blob, 2)
+    assert (wide - tall).abs().mean() > 0.1 and (wide - 1).abs().max() < 0.5
+    # no warp at all: the image itself
+    same = infoae.random_affine(x, max_rotate=0.0, max_scale=0.0, max_shift=0.0)
+    assert torch.allclose(same, x, atol=1e-5)
+
+
+def test_cluster_information_values():
+    k, n = 10, 2000
+    y = torch.arange(n) % k
+    sure = F.one_hot(y, k).float() * 50  # confident logits
+    log_k = torch.log(torch.tensor(float(k)))
+    # one confident cluster each, the same for both views, all used equally: I = log K
+    assert torch.allclose(infoae.cluster_information(sure, sure), log_k, atol=1e-3)
+    # views whose clusters are unrelated (each warped copy in a random cluster): ~0; so is
+    # an uninformative C
+    torch.manual_seed(0)
+    assert infoae.cluster_information(sure, sure[torch.randperm(n)]) < 0.05 * log_k
+    assert abs(float(infoae.cluster_information(torch.zeros(n, k), torch.zeros(n, k)))) < 1e-4
+    # all in one cluster: agree, but no information
+    one = torch.zeros(n, k)
+    one[:, 0] = 50
+    assert abs(float(infoae.cluster_information(one, one))) < 1e-3
+    # balance (IIC's lambda) 2 adds H(y) + H(y') = 2 log K on balanced clusters
+    assert torch.allclose(infoae.cluster_information(sure, sure, balance=2.0), 3 * log_k, atol=1e-3)
+
+
+def test_clustering_term_makes_warped_views_agree(digits):
+    # clu_mi alone, into E and C: C(E(x)) and C(E(t(x))) come to agree and spread over the
+    # categories (minus the IIC objective falls, so the objective itself rises)
+    args, nets = fresh()
+    x = digits.preprocess(digits.train_x[:64], train=True)
+    z, c = infoae.sample_prior(64, args.z_dim, args.z_scale, args.categories, "cpu")
+
+    def measure():  # on one fixed warp: agreement of the argmaxes, categories used, IIC
+        torch.manual_seed(7)
+        with torch.no_grad():
+            C, E = nets["classifier"], nets["encoder"]
+            logits, logits_w = C(E(x)["y"]), C(E(infoae.random_affine(x))["y"])
+            p, q = logits.argmax(1), logits_w.argmax(1)
+            return (float((p == q).float().mean()), len(p.unique()),
+                    float(infoae.cluster_information(logits, logits_w)))
+    _, _, info_before = measure()
+    g = nets["generator"].net[0].weight.clone()
+    steps_on("clu_mi", nets, lambda i: (x, z, c), 60)
+    agree, used, info_after = measure()
+    assert info_after > info_before + 0.5, (info_before, info_after)
+    assert agree > 0.6 and used >= 3  # agreeing, and not by putting all in one category
+    assert torch.equal(nets["generator"].net[0].weight, g)  # G is not this term's
+
+
 def test_encoder_batchnorm_statistics_come_from_real_images(digits):
     args, nets = fresh()
     encoder = nets["encoder"]
@@ -338,9 +420,11 @@ def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path)
 
 def test_departures_from_the_paper_default_on_for_digits_only():
     paper = infoae.parse_args(["--dataset", "mnist"])
-    assert (paper.latent_adv, paper.latent_adv_gen, paper.instance_noise, paper.beta) == (0, 0, 0, 1)
+    assert (paper.latent_adv, paper.latent_adv_gen, paper.instance_noise, paper.beta,
+            paper.cluster_mi) == (0, 0, 0, 1, 0)
     digits = infoae.parse_args([])
-    assert (digits.latent_adv, digits.latent_adv_gen, digits.instance_noise, digits.beta) == (1, 1, 1, 2)
+    assert (digits.latent_adv, digits.latent_adv_gen, digits.instance_noise, digits.beta,
+            digits.cluster_mi, digits.cluster_balance) == (1, 1, 1, 2, 4, 2)
     assert infoae.parse_args(["--latent-adv", "0"]).latent_adv == 0  # a flag given wins
 
 
