@@ -284,6 +284,26 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def test_whitened_probe_reads_a_label_hidden_in_a_direction_of_small_variance():
+    # the label lives in x0 - x1, a direction 500x smaller than the nuisance x0 + x1: the
+    # per-dimension-scaled MLP and linear probes miss it, the whitened MLP reads it
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        big = rng.normal(size=(n, 4)) * 10
+        small = (y - 1) * 0.02 + rng.normal(size=n) * 0.004
+        return np.concatenate([big[:, :1] + small[:, None], big[:, :1] - small[:, None], big[:, 1:]], 1), y
+
+    (a, ya), (b, yb) = make(600), make(300)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc = {k: se.probe_accuracy(k, a, ya, b, yb, 0) for k in ("mlp", "linear", "whitened-mlp")}
+    assert acc["whitened-mlp"] > 0.9
+    assert acc["mlp"] < 0.5 and acc["linear"] < 0.5
+
+
 def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
     argv = [*FAST, "--out-dir", str(tmp_path)]
     run, metrics = se.main(argv)  # both stages
