@@ -143,6 +143,12 @@ S_X digit / background 0.95 / 0.46, S_Y digit / foreground 0.93 / 0.35, Z_X digi
 background 1.00), Z_Y digit 0.52 (its foreground 0.99). CLUB's q and the default probe both
 scale Z per dimension, and what they no longer see of the digit the whitened probe still
 reads: the 0.11 / 0.14 above is a statement about that probe, not yet the paper's goal.
+Stage 2 again on that run's stage 1 (`--stage 2 --shared-from RUN/checkpoint.pt --probe
+whitened-mlp`, one thread, 4.4 min each), Z_X / Z_Y digit under the whitened probe, colours
+0.95-1.00 throughout: the defaults 0.36 / 0.49; `--club 10` 0.49 / 0.51; q reading Z
+whitened over the batch instead of standardised (code not kept) 0.59 / 0.72;
+`--exclusive-dim 3` 0.22 / 0.20. A Z just large enough for its colour is still the surest
+lever; the default stays at the paper's 8.
 
 Stage 2 alone on one stage 1 (`--stage 1`, seed 0, 4.1 min), with `--stage 2 --shared-from
 RUN/checkpoint.pt` and the flags below (12 epochs unless said; minutes on the shared CPU):
