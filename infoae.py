@@ -241,8 +241,8 @@ Where this script fills gaps in or departs from the paper:
   slant, a size or a width) and every category used equally often. The paper's losses train
   C only on generated latents; its categories are G's choice (on digits G gave some digits
   two categories, others none: see Measured). G follows C through cls_gen, so once C splits
-  the real digits G draws them. clu_mi is computed (and logged) at every setting, so it
-  shifts the random stream even at weight 0.
+  the real digits G draws them. At weight 0 (the paper, and every dataset but digits) the
+  term is not built at all: no warp is drawn and E makes no third pass.
 - beta = 2 on digits (the paper's 1 elsewhere): with LC and instance noise, beta 1 learnt c
   later and scored lower (see Measured).
 """
@@ -507,11 +507,12 @@ def frozen(*modules):
                 p.requires_grad_(f)
 
 
-def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0):
+def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. sigma: instance noise on
     the images Dis reads and on the generated images E reads (not on E's real images).
-    balance: IIC's lambda in clu_mi (cluster_information).
+    balance: IIC's lambda in clu_mi (cluster_information); clustering=False leaves clu_mi
+    out (its weight is 0), which spares the warp and E's pass over the warped images.
 
     Returns (terms, tensors): terms by name (docstring table), and the intermediate
     l_g, x_g, x_r, l_ge that the critics' losses reuse (detached there).
@@ -519,7 +520,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0):
     E, Dec, G, C = (nets[k] for k in MIN_PLAYERS)
     Dis, SC, LC = (nets[k] for k in CRITICS)
     onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
-    x_warped = random_affine(x)  # drawn first, so instance noise does not change the warps
+    x_warped = random_affine(x) if clustering else None  # before the noise: same warps at any sigma
     with frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images
@@ -535,8 +536,9 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0):
             "enc_sc": F.softplus(-SC(l_ge, onehot)).mean(),
             "enc_lat": F.softplus(-LC(l_e)).mean(),
             "gen_lat": F.softplus(LC(l_g)).mean(),
-            "clu_mi": -cluster_information(C(l_e), C(E(x_warped)["y"]), balance),
         }
+        if clustering:
+            terms["clu_mi"] = -cluster_information(C(l_e), C(E(x_warped)["y"]), balance)
     return terms, {"onehot": onehot, "l_g": l_g, "x_g": x_g, "x_r": x_r, "l_ge": l_ge, "l_e": l_e}
 
 
@@ -546,7 +548,7 @@ def min_player_loss(terms, alpha, beta, gamma, rec_weight=1.0, latent_adv=0.0, l
     return (rec_weight * terms["rec"] + alpha * (terms["dec_gen"] + terms["dec_rec"])
             + beta * (terms["cls_gen"] + terms["cls_enc"]) + gamma * terms["enc_sc"]
             + latent_adv * terms["enc_lat"] + latent_adv_gen * terms["gen_lat"]
-            + cluster_mi * terms["clu_mi"])
+            + (cluster_mi * terms["clu_mi"] if cluster_mi else 0.0))
 
 
 def critic_terms(nets, x, t, sigma=0.0):
@@ -574,8 +576,9 @@ class MinPlayers(nn.Module):
         self.players = nn.ModuleDict({k: nets[k] for k in MIN_PLAYERS})
         self.critics = {k: nets[k] for k in CRITICS}
 
-    def forward(self, x, z, c, sigma=0.0, balance=1.0):
-        return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, balance)
+    def forward(self, x, z, c, sigma=0.0, balance=1.0, clustering=True):
+        return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, balance,
+                                clustering)
 
 
 class Critics(nn.Module):
@@ -731,7 +734,7 @@ def train(args):
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
             # E, Dec, G, C: one step on the weighted sum, the critics frozen
             with common.autocast(device, args.amp):
-                terms, t = players(x, z, c, sigma, args.cluster_balance)
+                terms, t = players(x, z, c, sigma, args.cluster_balance, args.cluster_mi > 0)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
             common.check_finite(loss, step)
@@ -768,8 +771,8 @@ def train(args):
         if args.no_progress:
             print(f"epoch {epoch + 1}/{args.epochs}  step {step}  rec {stats['rec']:.4f}  "
                   f"dis {stats['dis']:.3f}  cls_enc {stats['cls_enc']:.3f}  lat {stats['lat']:.3f} "
-                  f"clu_mi {stats['clu_mi']:.3f}  "
-                  f"test cluster acc {acc:.4f}")
+                  + (f"clu_mi {stats['clu_mi']:.3f}  " if "clu_mi" in stats else "")
+                  + f"test cluster acc {acc:.4f}")
         common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=nets["encoder"],
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules={k: m for k, m in nets.items() if k != "encoder"},

@@ -160,6 +160,15 @@ def test_weights_scale_the_documented_terms(digits):
     # the paper's loss (the latent and clustering terms' weights default to 0) leaves them out
     assert torch.allclose(infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0),
                           infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0, 0.0, 0.0, 0.0))
+    # at weight 0 the clustering term is not built at all (no warp, no third pass of E); every
+    # other term, and the weighted sum, are what they are with it built
+    bare, _ = infoae.min_player_terms(nets, x, z, c, clustering=False)
+    full, _ = infoae.min_player_terms(nets, x, z, c)
+    assert "clu_mi" not in bare and set(bare) | {"clu_mi"} == set(full)
+    for k in bare:
+        assert torch.allclose(bare[k], full[k]), k
+    assert torch.allclose(infoae.min_player_loss(bare, 1.0, 1.0, 0.4, 10.0, 1.0, 1.0, 0.0),
+                          infoae.min_player_loss(full, 1.0, 1.0, 0.4, 10.0, 1.0, 1.0, 0.0))
 
 
 # ----------------------------------------------------------------------------------------
