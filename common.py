@@ -127,6 +127,19 @@ def autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def adam(params, lr, betas=(0.9, 0.999), **kw):
+    """torch.optim.Adam with its fused kernel (one pass over each parameter instead of about a
+    dozen elementwise kernels, each allocating its own temporary) where torch has one for the
+    parameters' device: from torch 2.4 on CPU, CUDA and MPS; older torch falls back to the
+    default implementation. The update is the same up to float rounding (a test checks it);
+    on the 2-core CPU it takes 5-8 ms off InfoAE's 60 ms digits step (README, Speed)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, **kw)
+    except RuntimeError:  # torch < 2.4 on CPU: fused=True is refused when it is built
+        return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
 def maybe_compile(module, enabled):
     """torch.compile when asked; callers keep the plain module to save its state dict."""
     return torch.compile(module) if enabled else module

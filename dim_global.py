@@ -211,9 +211,9 @@ def train(args):
         m.to(device)
     prior_disc = nets.get("prior_disc")
     mi_params = [p for k, m in nets.items() if k != "prior_disc" for p in m.parameters()]
-    optimizers = {"opt": torch.optim.Adam(list(encoder.parameters()) + mi_params, lr=args.lr)}
+    optimizers = {"opt": common.adam(list(encoder.parameters()) + mi_params, lr=args.lr)}
     if prior_disc is not None:
-        optimizers["disc_opt"] = torch.optim.Adam(prior_disc.parameters(), lr=args.lr)
+        optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
 
     run_dir, start_epoch, step = common.resume_state(
         args, "dim_global", {"encoder": encoder, **nets}, optimizers)

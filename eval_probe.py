@@ -101,7 +101,7 @@ def mlp_probe(train_x, train_y, test_x, test_y, n_classes, hidden, dropout, epoc
     vx = torch.tensor((test_x - mean) / std, device=device)
     net = nn.Sequential(nn.Linear(tx.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
                         nn.Linear(hidden, n_classes)).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
+    opt = common.adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
     for _ in range(epochs):
         for idx in torch.randperm(len(tx), device=device).split(128):
             loss = F.cross_entropy(net(tx[idx]), ty[idx])
@@ -153,7 +153,7 @@ def mine_estimate(x_train, y_train, x_test, y_test, steps, prepare=lambda b: b, 
     mean, std = y_train.mean(0), y_train.std(0) + 1e-6  # an invertible map leaves I(X; Y) as is
     y_train, y_test = (y_train - mean) / std, (y_test - mean) / std
     stat_net = mlp(prepare(x_train[:1]).flatten(1).shape[1] + y_train.shape[1], hidden).to(device)
-    opt = torch.optim.Adam(stat_net.parameters(), lr=lr)
+    opt = common.adam(stat_net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     T = lambda x, y: stat_net(torch.cat([prepare(x).flatten(1).float(), y], 1)).squeeze(1)
     moving_avg = None
@@ -197,7 +197,7 @@ def ndm_estimate(f_train, f_test, steps, batch_size=256, lr=1e-4, hidden=512, se
     f_train = f_train[torch.randperm(len(f_train)).to(f_train.device)]
     f_val, f_train = f_train[:len(f_train) // 5], f_train[len(f_train) // 5:]
     disc = mlp(f_train.shape[1], hidden).to(f_train.device)
-    opt = torch.optim.Adam(disc.parameters(), lr=lr)
+    opt = common.adam(disc.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
     @torch.no_grad()
@@ -253,7 +253,7 @@ def msssim_of_decoder(x_train, y_train, x_test, y_test, image_shape, epochs, pre
     torch.manual_seed(seed)
     mean, std = y_train.mean(0), y_train.std(0) + 1e-6
     decoder = Decoder(y_train.shape[1], image_shape).to(y_train.device)
-    opt = torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt = common.adam(decoder.parameters(), lr=lr, betas=(0.5, 0.999))
     for _ in range(epochs):
         for idx in torch.randperm(len(x_train), device=y_train.device).split(batch_size):
             if len(idx) < 2:  # BatchNorm needs two samples

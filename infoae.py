@@ -691,8 +691,8 @@ def train(args):
     enc_cfg, nets = build_networks(args, data.image_shape)
     for m in nets.values():
         m.to(device)
-    adam = lambda names: torch.optim.Adam([p for k in names for p in nets[k].parameters()],
-                                          lr=args.lr, betas=(args.adam_beta1, 0.999))
+    adam = lambda names: common.adam([p for k in names for p in nets[k].parameters()],
+                                     lr=args.lr, betas=(args.adam_beta1, 0.999))
     optimizers = {"opt": adam(MIN_PLAYERS), "dis_opt": adam(["discriminator"]),
                   "sc_opt": adam(["self_critic"]), "lat_opt": adam(["latent_critic"])}
 

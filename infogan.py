@@ -323,9 +323,9 @@ def train(args):
     d_params = [p for n, p in encoder.named_parameters() if not n.startswith("q_hidden.")]
     betas = (args.beta1, 0.999)
     optimizers = {
-        "opt_dq": torch.optim.Adam([{"params": d_params + list(d_head.parameters()), "lr": args.lr},
-                                    {"params": q_params, "lr": args.lr_g}], betas=betas),
-        "opt_g": torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=betas),
+        "opt_dq": common.adam([{"params": d_params + list(d_head.parameters()), "lr": args.lr},
+                               {"params": q_params, "lr": args.lr_g}], lr=args.lr, betas=betas),
+        "opt_g": common.adam(generator.parameters(), lr=args.lr_g, betas=betas),
     }
     nets = {"generator": generator, "d_head": d_head, "q_head": q_head}
     run_dir, start_epoch, step = common.resume_state(args, "infogan", {"encoder": encoder, **nets},

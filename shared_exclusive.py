@@ -562,11 +562,11 @@ def train(args):
     shared_done = load_shared(args.shared_from, enc, args) if args.shared_from else 0
     stage1 = [p for k, m in {**enc, **critics}.items() if k.startswith("shared") for p in m.parameters()]
     stage2 = [p for k, m in {**enc, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
-    optimizers = {"shared_opt": torch.optim.Adam(stage1, lr=args.lr),
-                  "exclusive_opt": torch.optim.Adam(stage2, lr=args.lr),
-                  "club_opt": torch.optim.Adam([p for d in "xy" for p in critics[f"sz_club_{d}"].parameters()],
+    optimizers = {"shared_opt": common.adam(stage1, lr=args.lr),
+                  "exclusive_opt": common.adam(stage2, lr=args.lr),
+                  "club_opt": common.adam([p for d in "xy" for p in critics[f"sz_club_{d}"].parameters()],
                                                lr=args.club_lr),
-                  "disc_opt": torch.optim.Adam([p for d in "xy" for p in critics[f"sz_disc_{d}"].parameters()],
+                  "disc_opt": common.adam([p for d in "xy" for p in critics[f"sz_disc_{d}"].parameters()],
                                                lr=args.lr)}
     # the epoch plan: (stage, epoch within the stage); a checkpoint's epoch counts plan entries
     plan = ([(1, e) for e in range(args.epochs)] if args.stage in ("1", "both") else []) + \

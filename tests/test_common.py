@@ -83,3 +83,26 @@ def test_cpu_autocast_keeps_one_step_loss_within_tolerance():
             out = enc(x)
             losses.append(common.infonce_bound(critic(out["y"], out["c2"])).item())
     assert losses[1] == pytest.approx(losses[0], abs=0.05 * abs(losses[0]) + 0.05)
+
+
+def test_adam_helper_takes_the_same_steps_as_plain_adam():
+    """common.adam (fused where torch has the kernel) must keep lr, betas, weight decay and
+    per-group learning rates: its parameters follow plain Adam's over a few steps, and both
+    move (a dropped lr or a swapped beta would part them or freeze them)."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    runs = []
+    for make in (lambda g: common.adam(g, lr=0.05, betas=(0.5, 0.9), weight_decay=0.01),
+                 lambda g: torch.optim.Adam(g, lr=0.05, betas=(0.5, 0.9), weight_decay=0.01,
+                                            foreach=False)):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = make([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.2}])
+        for step in range(4):
+            opt.zero_grad()
+            loss = sum((p * (k + 1 + step)).square().sum() + p.sum() for k, p in enumerate(params))
+            loss.backward()
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for mine, plain, s in zip(*runs, start):
+        assert torch.allclose(mine, plain, atol=1e-6)
+        assert (mine - s).abs().min() > 1e-3
