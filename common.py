@@ -140,6 +140,21 @@ def adam(params, lr, betas=(0.9, 0.999), **kw):
         return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
 
 
+@contextlib.contextmanager
+def frozen(*modules):
+    """Turn off requires_grad of the modules' parameters, so a loss built inside cannot even
+    reach them; restored on exit."""
+    saved = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for m in modules:
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, flags in zip(modules, saved):
+            for p, f in zip(m.parameters(), flags):
+                p.requires_grad_(f)
+
+
 def maybe_compile(module, enabled):
     """torch.compile when asked; callers keep the plain module to save its state dict."""
     return torch.compile(module) if enabled else module

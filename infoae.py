@@ -492,21 +492,6 @@ def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
                      - balance * marg[None, :].log())).sum()
 
 
-@contextlib.contextmanager
-def frozen(*modules):
-    """Turn off requires_grad of the modules' parameters, so a loss built inside cannot even
-    reach them; restored on exit."""
-    saved = [[p.requires_grad for p in m.parameters()] for m in modules]
-    for m in modules:
-        m.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, flags in zip(modules, saved):
-            for p, f in zip(m.parameters(), flags):
-                p.requires_grad_(f)
-
-
 def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. sigma: instance noise on
@@ -521,7 +506,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     Dis, SC, LC = (nets[k] for k in CRITICS)
     onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
     x_warped = random_affine(x) if clustering else None  # before the noise: same warps at any sigma
-    with frozen(Dis, SC, LC):
+    with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images
         l_ge = E(common.instance_noise(x_g, sigma))["y"]  # E(Dec(G(z, c)))

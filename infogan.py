@@ -292,12 +292,6 @@ def dcgan_init(module):
             nn.init.zeros_(m.bias)
 
 
-def set_requires_grad(modules, flag):
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(flag)
-
-
 # ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
@@ -383,8 +377,7 @@ def train(args):
             optimizers["opt_dq"].step()
 
             # G: fool D (non-saturating) and make the codes recoverable by Q
-            set_requires_grad([encoder, d_head, q_head], False)
-            with common.autocast(device, args.amp):
+            with common.frozen(encoder, d_head, q_head), common.autocast(device, args.amp):
                 out = enc_g(common.instance_noise(torch.cat([x, fake]), sigma, noise_gen))  # as D saw it
                 g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
                 g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
@@ -393,7 +386,6 @@ def train(args):
             optimizers["opt_g"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["opt_g"].step()
-            set_requires_grad([encoder, d_head, q_head], True)
 
             step += 1
             n_steps += 1
