@@ -65,12 +65,15 @@ Where this script fills gaps in or departs from the paper:
   real + fake batch (no BatchNorm synchronisation); D, Q and G's gradients are averaged
   across processes. Rank 0 alone prints, evaluates and writes pictures and checkpoints.
 
-Measured (2 CPU cores shared with two other jobs, OMP_NUM_THREADS=1, 4.5-5.2 min a run):
+Measured (2 CPU cores shared with another job, OMP_NUM_THREADS=1, 3.0-3.2 min a run):
 `python infogan.py --seed S` for S = 0..4 reached a clustering accuracy on the digits test set
-of 79.2 / 90.8 / 91.1 / 71.9 / 86.1% (mean 83.8%, median 86.1%) against k-means on raw
-pixels' 79%. The result depends on the seed: in the weaker runs two categories share a digit
-while two digits share a category (seed 3: two categories of 7s, 1s and 8s in one), and a
-continuous code still morphs one digit into another in a row or two of the traversal grid.
+of 82.5 / 81.9 / 76.9 / 88.3 / 75.8% (mean 81.1%, median 81.9%) against k-means on raw
+pixels' 79%; before the optimisers became fused Adam (other float rounding, so other runs)
+the same seeds gave 79.2 / 90.8 / 91.1 / 71.9 / 86.1% (mean 83.8%), the measure of seed
+noise. The result depends on the seed: in the weaker runs two categories share a digit while
+two digits share a category (seed 3 of the earlier runs: two categories of 7s, 1s and 8s in
+one), and a continuous code still morphs one digit into another in a row or two of the
+traversal grid.
 Ablations at 60 epochs, seed 0, lambda_cat 3: instance noise 0 / 0.2 / 0.5 / 1 / 2 gave
 68 / 69 / 82 / 89 / 76%; seed 1 with noise 1 gave 79% at 60 epochs and 91% at 100. Without
 instance noise (lambda_cat 1, the paper's sizes, 30 epochs) the categorical code settled on
