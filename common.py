@@ -1211,6 +1211,71 @@ class StandardizedDCGANEncoder(DCGANEncoder):
 ENCODERS["dcgan-std"] = StandardizedDCGANEncoder
 
 
+class Whitening(nn.Module):
+    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
+    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
+    direction of the output has unit variance, not only every coordinate (per-dimension
+    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
+    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
+    whitened code has by design (W-MSE's reason too).
+
+    Training: the batch's own mean and covariance, gradients flowing through both, so the
+    batch's output is exactly white whatever the code does; the batch must be larger than
+    the code (W-MSE: twice). Shrinking a small batch's covariance toward a detached target
+    was tried: toward the running covariance the encoder shrank directions faster than the
+    running average followed and sent them under it (output eigenvalues down to 0.002), and
+    toward the identity puts back a variance floor under which a direction is again cheap.
+    Eval: running mean and covariance, a fixed affine map.
+    """
+
+    def __init__(self, dim, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, y):
+        y = y.float()
+        if self.training:
+            if len(y) <= y.shape[1]:
+                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
+                                f"{y.shape[1]} samples, got {len(y)}")
+            mean = y.mean(0)
+            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
+            with torch.no_grad():
+                # a plain average over the first 1/momentum batches, then a moving one: the
+                # identity it starts from would linger as a floor under small directions
+                self.num_batches_tracked += 1
+                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_cov.lerp_(cov.detach(), m)
+        else:
+            mean, cov = self.running_mean, self.running_cov
+        # a tiny ridge, relative to the mean variance, for numerical safety only
+        eye = torch.eye(len(cov), device=cov.device)
+        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
+        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
+
+
+class WhitenedDCGANEncoder(DCGANEncoder):
+    """DCGANEncoder whose code y is whitened (`Whitening`): shared_exclusive.py's
+    `--shared-norm whiten`, so that S cannot hide what the L1 pull should remove in
+    directions of small variance."""
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__(in_channels, image_size, y_dim, fc_dim)
+        self.y_norm = Whitening(y_dim)
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["y"] = self.y_norm(out["y"])
+        return out
+
+
+ENCODERS["dcgan-white"] = WhitenedDCGANEncoder
+
+
 def same_class_partners(labels, generator):
     """For every image, a different image of the same class (uniformly among them)."""
     partner = torch.empty_like(labels)

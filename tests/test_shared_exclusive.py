@@ -326,7 +326,8 @@ def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
         excl = torch.load(run.path(f"exclusive_{d}.pt"), weights_only=True)["encoder"]
         assert excl["out.weight"].shape == (8, 1024)  # stage 2 did train the exclusive encoders
         assert not torch.equal(excl["out.weight"], init[f"exclusive_{d}"].out.weight)
-    assert common.encoder_from_checkpoint(stage1).out.out_features == 64  # rebuilt from cfg alone
+    rebuilt = common.encoder_from_checkpoint(stage1)  # from its cfg alone: the whitened 16-d S
+    assert rebuilt.out.out_features == 16 and isinstance(rebuilt.y_norm, common.Whitening)
     # stage 2 alone starts from exactly these shared encoders
     fresh, _, _ = se.build_networks(se.parse_args(argv), (3, 32, 32), torch.device("cpu"))
     args2 = se.parse_args([*argv, "--stage", "2", "--shared-from", run.path("checkpoint.pt")])
@@ -358,7 +359,8 @@ def test_both_stages_run_under_torchrun_and_only_rank_0_writes(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "shared_exclusive.py", "--device", "cpu", *FAST, "--out-dir", str(tmp_path)],
+         "shared_exclusive.py", "--device", "cpu", *FAST, "--batch-size", "40",  # 20 > 16 a process
+         "--out-dir", str(tmp_path)],
         cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
         timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -371,3 +373,47 @@ def test_both_stages_run_under_torchrun_and_only_rank_0_writes(tmp_path):
     for part in ("shared", "exclusive"):
         for d in "xy":  # strict rebuild: a DDP "module." prefix would fail here
             common.encoder_from_checkpoint(common.load_checkpoint(runs[0] / f"{part}_{d}.pt"))
+
+
+def test_whitening_gives_unit_variance_in_every_direction_and_eval_uses_running_statistics():
+    torch.manual_seed(0)
+    # a correlated code whose principal variances span 10^4: per-dimension scaling leaves the
+    # small directions small, whitening must not
+    mix = torch.diag(torch.logspace(-2, 0, 8)) @ torch.linalg.qr(torch.randn(8, 8))[0]
+    data = torch.randn(4096, 8) @ mix + 3
+    w = common.Whitening(8)
+    out = w(data[:256])
+    assert torch.allclose(torch.cov(out.T), torch.eye(8), atol=1e-2)
+    with pytest.raises(common.UserError, match="more than 8"):
+        w(data[:8])
+    for i in range(50):  # the running statistics follow the training batches
+        w(data[i * 64:(i + 1) * 64 + 16])
+    w.eval()
+    out = w(data)
+    assert torch.allclose(w(data[:5]), out[:5], atol=1e-4)  # a fixed map, no batch statistics
+    eig = torch.linalg.eigvalsh(torch.cov(out.T))
+    assert eig.min() > 0.7 and eig.max() < 1.4  # white up to the running estimate's error
+
+
+def test_whitened_encoder_passes_gradients_through_its_statistics_and_reloads():
+    torch.manual_seed(0)
+    cfg = common.encoder_config("dcgan-white", (3, 32, 32), 8)
+    enc = common.build_encoder(cfg)
+    x = torch.randn(24, 3, 32, 32)
+    target = torch.randn(24, 8)
+    (enc(x)["y"] * target).sum().backward()
+    grads = [p.grad for p in enc.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert enc.c1[0].weight.grad.abs().sum() > 0  # reaches the first layer
+    # gradients flow through the batch statistics: the output does not change with the
+    # scale of the code, so neither may the loss (a whitening with detached statistics would
+    # pass a nonzero gradient to the scale)
+    scale = torch.ones((), requires_grad=True)
+    (common.Whitening(8)(torch.randn(24, 8) * scale) * target).sum().backward()
+    assert abs(scale.grad) < 1e-3
+    enc.eval()
+    copy = common.build_encoder(cfg)  # what eval_probe does with a checkpoint's encoder_cfg
+    copy.load_state_dict(enc.state_dict())
+    copy.eval()
+    with torch.no_grad():
+        assert torch.allclose(copy(x)["y"], enc(x)["y"])
