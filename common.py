@@ -754,11 +754,15 @@ class Run:
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             base = os.path.join(args.out_dir, f"{script}-{args.dataset}-{stamp}")
+            os.makedirs(args.out_dir, exist_ok=True)
             self.dir, i = base, 1
-            while os.path.exists(self.dir):
-                i += 1
-                self.dir = f"{base}-{i}"
-            os.makedirs(self.dir)
+            while True:  # claim the name by creating it: two runs started in one second race
+                try:
+                    os.mkdir(self.dir)
+                    break
+                except FileExistsError:
+                    i += 1
+                    self.dir = f"{base}-{i}"
         atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(plain_args(args), indent=2))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
 

@@ -106,3 +106,27 @@ def test_adam_helper_takes_the_same_steps_as_plain_adam():
     for mine, plain, s in zip(*runs, start):
         assert torch.allclose(mine, plain, atol=1e-6)
         assert (mine - s).abs().min() > 1e-3
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Run folders are named by the second; two runs started together (e.g. two seeds in
+    parallel) must not share or crash on one. A stale existence check, as when the other
+    process creates the folder between check and creation, is simulated by one that never
+    sees it."""
+    import argparse
+    import datetime as real
+
+    class FrozenClock:
+        class datetime:
+            @staticmethod
+            def now():
+                return real.datetime(2026, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(common, "datetime", FrozenClock)
+    monkeypatch.setattr(common.os.path, "exists", lambda path: False)
+    args = argparse.Namespace(out_dir=str(tmp_path / "runs"), dataset="digits", seed=0)
+    dirs = [common.Run("dim_local", args).dir for _ in range(3)]
+    assert len(set(dirs)) == 3
+    assert [os.path.basename(d) for d in dirs] == [
+        "dim_local-digits-20260101-120000" + suffix for suffix in ("", "-2", "-3")]
+    assert all(os.path.isfile(os.path.join(d, "args.json")) for d in dirs)
