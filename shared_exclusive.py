@@ -171,8 +171,8 @@ whitened-mlp`, one thread, 4.4 min each), Z_X / Z_Y digit under the whitened pro
 0.95-1.00 throughout: those defaults 0.36 / 0.49; `--club 10` 0.49 / 0.51; q reading Z
 whitened over the batch instead of standardised (code not kept) 0.59 / 0.72;
 `--exclusive-dim 3` 0.22 / 0.20. On the new seed-0 stage 1 (whitened probe): the defaults
-0.47 / 0.55; `--club 10` 0.53 / 0.51; `--exclusive-norm whiten` (Z whitened like S) 0.50 /
-0.49; `--exclusive-dim 3` 0.28 / 0.29, colours 1.00 / 0.99 (whitened too: 0.29 / 0.29). A Z just large enough for its colour is the surest lever
+0.47 / 0.55; `--club 10` 0.53 / 0.51; `--exclusive-global 0` 0.51 / 0.52; `--exclusive-local
+0` 0.64 / 0.59; `--exclusive-norm whiten` (Z whitened like S) 0.50 / 0.49; `--exclusive-dim 3` 0.28 / 0.29, colours 1.00 / 0.99 (whitened too: 0.29 / 0.29). A Z just large enough for its colour is the surest lever
 found; the default stays at the paper's 8.
 
 Stage 2 alone on one stage 1 (`--stage 1`, seed 0, 4.1 min), with `--stage 2 --shared-from
