@@ -1204,7 +1204,11 @@ class StandardizedDCGANEncoder(DCGANEncoder):
 
     def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
         super().__init__(in_channels, image_size, y_dim, fc_dim)
-        self.y_norm = nn.BatchNorm1d(y_dim, affine=False)
+        self.y_norm = self.norm(y_dim)
+
+    @staticmethod
+    def norm(dim):
+        return nn.BatchNorm1d(dim, affine=False)
 
     def forward(self, x):
         out = super().forward(x)
@@ -1262,19 +1266,12 @@ class Whitening(nn.Module):
         return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
 
 
-class WhitenedDCGANEncoder(DCGANEncoder):
-    """DCGANEncoder whose code y is whitened (`Whitening`): shared_exclusive.py's
-    `--shared-norm whiten`, so that S cannot hide what the L1 pull should remove in
-    directions of small variance."""
+class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
+    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
+    shared_exclusive.py's `--shared-norm whiten`, so that S cannot hide what the L1 pull
+    should remove in directions of small variance."""
 
-    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
-        super().__init__(in_channels, image_size, y_dim, fc_dim)
-        self.y_norm = Whitening(y_dim)
-
-    def forward(self, x):
-        out = super().forward(x)
-        out["y"] = self.y_norm(out["y"])
-        return out
+    norm = Whitening
 
 
 ENCODERS["dcgan-white"] = WhitenedDCGANEncoder

@@ -60,8 +60,9 @@ Where this script fills gaps in or departs from the paper:
   A batch must hold more samples than S has dimensions (checked before training starts).
   Stage 1 alone, seed 0, S_X background / S_Y foreground under the MLP on PCA-whitened
   codes (`--probe whitened-mlp`), digit 0.97 throughout: whitened 16-d S at 36 epochs 0.09 /
-  0.12 (seed 1: 0.11 / 0.12); the same at 18 epochs 0.30 / 0.28 (`--l1 10`: 0.37 / 0.38); standardised 16-d S at 36 epochs 0.32 / 0.23 (the default probe: 0.11 /
-  0.09, so it is the whitening that removes the colour, not the size); whitened 32-d at 36
+  0.12 (seed 1: 0.11 / 0.12); the same at 18 epochs 0.30 / 0.28 (`--l1 10`: 0.37 / 0.38);
+  standardised 16-d S at 36 epochs 0.32 / 0.23 (the default probe: 0.11 / 0.09, so it is the
+  whitening that removes the colour, not the size); whitened 32-d at 36
   epochs 0.12 / 0.10 (still aligning: |S_X - S_Y| 0.13x unrelated pairs against 0.078x at
   16-d). Not kept: whitened 64-d (batch 128, 18 epochs: 1.00 / 0.93, only part of the 64
   unit-variance directions align in that budget and colour fills the rest); shrinking a
@@ -77,8 +78,9 @@ Where this script fills gaps in or departs from the paper:
   67% (97% / 78% after 30 epochs: more steps do not remove it). After 18 epochs, 0.3 gives
   62% / 36%, 1.0 gives 25% / 20%, 3.0 gives 19% / 16% (distance 0.045x), the digit at
   90-91% throughout (64-d standardised S, as every number in this bullet). Above 3 it no
-  longer clearly helps (MLP probe, seed 0; those defaults gave S_X background 0.22): `--l1 10` and `--l1 30` gave 0.16 and 0.19 (digit 0.93, 0.94),
-  within the spread between seeds (0.18 to 0.22 at 3).
+  longer clearly helps (MLP probe, seed 0; those defaults gave S_X background 0.22): `--l1 10`
+  and `--l1 30` gave 0.16 and 0.19 (digit 0.93, 0.94), within the spread between seeds (0.18
+  to 0.22 at 3).
 - I(S; Z) is pushed down by CLUB, which the paper does not use (its adversary is
   `--adversarial`, off by default). q(S | Z), a diagonal Gaussian whose mean and log-variance
   are MLPs of Z (200 wide; one per domain, not trained by the encoders' optimiser), is fitted
@@ -170,10 +172,11 @@ Stage 2 on the old seed-0 stage 1 (`--stage 2 --shared-from RUN/checkpoint.pt --
 whitened-mlp`, one thread, 4.4 min each), Z_X / Z_Y digit under the whitened probe, colours
 0.95-1.00 throughout: those defaults 0.36 / 0.49; `--club 10` 0.49 / 0.51; q reading Z
 whitened over the batch instead of standardised (code not kept) 0.59 / 0.72;
-`--exclusive-dim 3` 0.22 / 0.20. On the new seed-0 stage 1 (whitened probe): the defaults
-0.47 / 0.55; `--club 10` 0.53 / 0.51; `--exclusive-global 0` 0.51 / 0.52; `--exclusive-local
-0` 0.64 / 0.59; `--exclusive-norm whiten` (Z whitened like S) 0.50 / 0.49; `--exclusive-dim 3` 0.28 / 0.29, colours 1.00 / 0.99 (whitened too: 0.29 / 0.29). A Z just large enough for its colour is the surest lever
-found; the default stays at the paper's 8.
+`--exclusive-dim 3` 0.22 / 0.20. On the new seed-0 stage 1 (whitened probe): the defaults 0.47
+/ 0.55; `--club 10` 0.53 / 0.51; `--exclusive-global 0` 0.51 / 0.52; `--exclusive-local 0`
+0.64 / 0.59; `--exclusive-norm whiten` (Z whitened like S) 0.50 / 0.49; `--exclusive-dim 3`
+0.28 / 0.29, colours 1.00 / 0.99 (whitened too: 0.29 / 0.29). A Z just large enough for its
+colour is the surest lever found; the default stays at the paper's 8.
 
 Stage 2 alone on one stage 1 (`--stage 1`, seed 0, 4.1 min), with `--stage 2 --shared-from
 RUN/checkpoint.pt` and the flags below (12 epochs unless said; minutes on the shared CPU):
