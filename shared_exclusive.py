@@ -178,6 +178,35 @@ whitened over the batch instead of standardised (code not kept) 0.59 / 0.72;
 0.28 / 0.29, colours 1.00 / 0.99 (whitened too: 0.29 / 0.29). A Z just large enough for its
 colour is the surest lever found; the default stays at the paper's 8.
 
+Why CLUB leaves the digit in Z: q is evaded, not beaten. On that stage 1 (defaults, one
+thread) CLUB's online estimate falls to 0.07-0.13 by epoch 12 (0.06-0.09 at the end) and q's
+fit loss sits at the no-information level (about 8.0 a domain for a white 16-d S) from epoch
+12 on. A fresh q trained 3000 steps on the final training codes still finds S in Z on the
+test codes: 0.4 nats on standardised Z, 1.6 (Z_X) and 2.2 (Z_Y) on PCA-whitened Z. Z_X's
+covariance eigenvalues are 57 and 8.7 (the colour), then 0.33 down to 0.0026: the digit sits
+in six small directions. An untrained exclusive encoder already gives Z digit 0.49 (default
+probe) / 0.47 (whitened), so under the whitened probe training never gets below that level.
+It moves the digit into small directions instead of removing it. Tried on the same stage 1
+(code not kept; Z_X / Z_Y digit, default probe then whitened; colours 0.99-1.00 in every row;
+these defaults: 0.19 / 0.19, 0.48 / 0.52):
+
+    q fitted on draws from the last 22 batches, not the current one   0.21 / 0.14   0.47 / 0.51
+    q on Z whitened by running (detached) statistics                  0.37 / 0.57   0.44 / 0.59
+      same, --disc-steps 30                                           0.35 / 0.42   0.49 / 0.46
+      same, with the 22-batch replay                                  0.53 / 0.50   0.59 / 0.57
+    CLUB against the other image's shared-encoder fc features         0.12 / 0.12   0.52 / 0.57
+    Z standardised, Gaussian noise 0.5 added in training              0.55 / 0.59   0.56 / 0.62
+      same, noise 1.0                                                 0.61 / 0.62   0.61 / 0.68
+    exclusive encoder's output layer initialised at zero              0.36 / 0.30   0.57 / 0.56
+    stage-2 critics on the frozen shared encoder's maps               0.21 / 0.20   0.47 / 0.59
+    --exclusive-epochs 72                                             0.38 / 0.45   0.55 / 0.57
+
+The cross target gave the best default-probe row by pushing the digit into directions of a
+few millionths of the colour's variance (offline q on whitened Z: 2.3 / 2.7 nats). Like the
+squeezed S above, that hides the digit from the default probe and does not remove it. Noise
+closes the small directions to the critics and to q alike, so nothing removes what lies in
+them. Longer training lets the MI terms put more of the digit back in.
+
 Stage 2 alone on one stage 1 (`--stage 1`, seed 0, 4.1 min), with `--stage 2 --shared-from
 RUN/checkpoint.pt` and the flags below (12 epochs unless said; minutes on the shared CPU):
 
