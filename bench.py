@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the DIM networks")
     p.add_argument("--repeats", type=common.positive_int, default=5, help="timed steps per measurement")
-    p.add_argument("--only", default="all", choices=["all", "dim", "scripts"])
+    p.add_argument("--only", default="all", choices=["all", "dim", "scripts", "shared_exclusive"],
+                   help="time a subset: DIM, the other scripts, or shared_exclusive alone")
     return p.parse_args(argv)
 
 
@@ -215,6 +216,7 @@ def main(argv=None):
         rows += bench_script("infoae", args, device, peak)
         rows += bench_script("infoae", args, device, peak, label="step, paper widths",
                              extra=["--width", "64", "--hidden", "512"])
+    if args.only in ("all", "scripts", "shared_exclusive"):
         rows += bench_shared_exclusive(args, device, peak)
     for r in rows:
         r.setdefault("peak MiB", float("nan"))
