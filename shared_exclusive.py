@@ -325,8 +325,12 @@ def hsic_dependence(s, z):
     bandwidths too: within one colour Z varies little, and that is where the digit sits.
     Computed exactly, so unlike a learned adversary it has no lag for the encoder to outrun."""
     with torch.autocast(z.device.type, enabled=False):  # narrow kernels need fp32 distances
-        ks, kz = gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES)
-        return (ks * kz).sum() / (ks.norm() * kz.norm()).clamp_min(1e-12)
+        return kernel_alignment(gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES))
+
+
+def kernel_alignment(k1, k2):
+    """<K1, K2> / (|K1| |K2|) of two centred Gram matrices: HSIC normalised to [0, 1]."""
+    return (k1 * k2).sum() / (k1.norm() * k2.norm()).clamp_min(1e-12)
 
 
 def build_networks(args, image_shape, device):
@@ -405,12 +409,11 @@ def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
         if args.hsic > 0:
             # this batch with the latest --hsic-batches - 1 others (detached): 64 rows
             # are too few to see a dependence that lives within each colour
-            past = memory.setdefault(d, []) if memory is not None else []
+            past = memory.setdefault(d, []) if memory is not None else []  # None: this batch only
             logs[f"hsic_{d}"] = hsic_dependence(torch.cat([s, *(m[0] for m in past)]),
                                                 torch.cat([z, *(m[1] for m in past)]))
-            if memory is not None:
-                past.insert(0, (s.detach(), z.detach()))
-                del past[args.hsic_batches - 1:]
+            past.insert(0, (s.detach(), z.detach()))
+            del past[args.hsic_batches - 1:]
             loss = loss + args.hsic * logs[f"hsic_{d}"]
         if args.club > 0:  # I(S; Z) down through CLUB's upper bound
             logs[f"club_{d}"] = club(critics[f"sz_club_{d}"], s, z)
