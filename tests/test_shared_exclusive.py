@@ -352,6 +352,21 @@ def test_whitened_probe_reads_a_label_hidden_in_a_direction_of_small_variance():
     assert acc["mlp"] < 0.5 and acc["linear"] < 0.5
 
 
+def test_stage2_flags_leave_stage1_initialisation_alone():
+    built = {}
+    for dim in (4, 8):
+        common.seed_everything(0)
+        enc, critics, _ = se.build_networks(se.parse_args(["--exclusive-dim", str(dim)]), (3, 32, 32),
+                                            torch.device("cpu"))
+        built[dim] = {**enc, **critics}, torch.get_rng_state()
+    (a, rng_a), (b, rng_b) = built[4], built[8]
+    for k in ("shared_x", "shared_y", "shared_local_critic_x", "shared_global_critic_y"):
+        for (name, v), w in zip(a[k].state_dict().items(), b[k].state_dict().values()):
+            assert torch.equal(v, w), (k, name)
+    assert torch.equal(rng_a, rng_b)  # stage 1's training draws the same numbers too
+    assert a["exclusive_x"].out.weight.shape == (4, 1024) and b["exclusive_x"].out.weight.shape == (8, 1024)
+
+
 def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
     argv = [*FAST, "--out-dir", str(tmp_path)]
     run, metrics = se.main(argv)  # both stages
@@ -372,7 +387,7 @@ def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
             assert torch.equal(v, after[d][k]), k
         assert not torch.equal(stage1["encoder"]["out.weight"], init[f"shared_{d}"].out.weight)
         excl = torch.load(run.path(f"exclusive_{d}.pt"), weights_only=True)["encoder"]
-        assert excl["out.weight"].shape == (8, 1024)  # stage 2 did train the exclusive encoders
+        assert excl["out.weight"].shape == (4, 1024)  # stage 2 did train the exclusive encoders
         assert not torch.equal(excl["out.weight"], init[f"exclusive_{d}"].out.weight)
     rebuilt = common.encoder_from_checkpoint(stage1)  # from its cfg alone: the whitened 16-d S
     assert rebuilt.out.out_features == 16 and isinstance(rebuilt.y_norm, common.Whitening)
