@@ -129,10 +129,9 @@ def autocast(device, enabled):
 
 def adam(params, lr, betas=(0.9, 0.999), **kw):
     """torch.optim.Adam with its fused kernel (one pass over each parameter instead of about a
-    dozen elementwise kernels, each allocating its own temporary) where torch has one for the
-    parameters' device: from torch 2.4 on CPU, CUDA and MPS; older torch falls back to the
-    default implementation. The update is the same up to float rounding (a test checks it);
-    on the 2-core CPU it takes 5-8 ms off InfoAE's 60 ms digits step (README, Speed)."""
+    dozen elementwise kernels) where torch has one for the parameters' device: from torch 2.4
+    on CPU, CUDA and MPS; older torch falls back to the default implementation. The update is
+    the same up to float rounding (a test checks it)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, **kw)
@@ -1229,11 +1228,7 @@ class Whitening(nn.Module):
 
     Training: the batch's own mean and covariance, gradients flowing through both, so the
     batch's output is exactly white whatever the code does; the batch must be larger than
-    the code (W-MSE: twice). Shrinking a small batch's covariance toward a detached target
-    was tried: toward the running covariance the encoder shrank directions faster than the
-    running average followed and sent them under it (output eigenvalues down to 0.002), and
-    toward the identity puts back a variance floor under which a direction is again cheap.
-    Eval: running mean and covariance, a fixed affine map.
+    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
     """
 
     def __init__(self, dim, momentum=0.1, eps=1e-6):

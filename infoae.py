@@ -3,250 +3,52 @@
 Rana, Latif, Gururajan, Gray, Mackenzie, Humphris, Dunn. "Disentangled Representation
 Learning with Information Maximizing Autoencoder", 2019, arXiv:1904.08613.
 
-Six networks. A generator G(z, c) turns noise z and a category c into a latent l_g; the
-decoder Dec turns latents into images (Dec(l_g) must fool an image discriminator Dis); the
-encoder E maps images back to latents (Dec(E(x)) reconstructs x); a classifier C recovers c
-from l_g and from E(Dec(l_g)) (the mutual information between c and the latents); a latent
-"self critic" SC tells (G(z,c), c) from (E(Dec(G(z,c))), c), so E learns to invert Dec. After
-training, argmax C(E(x)) clusters real images, unsupervised. On digits (not in the paper) C
-also clusters real images directly: C(E(x)) and C(E(t(x))), t a small random warp, must
-agree and use every category (IIC).
-
-    python infoae.py                          # digits: 60 epochs, 2640 steps, ~2.5 min on CPU
-    python infoae.py --dataset mnist --epochs 30
-    torchrun --standalone --nproc_per_node=2 infoae.py   # DDP; --batch-size is the global batch
-
-Measured (2 CPU cores shared with other jobs, OMP_NUM_THREADS=1): `python infoae.py --seed
-S` clusters the digits test set at 93.9% (S=0), 86.9% (S=1), 92.2% (S=2), 88.3% (S=3), 90.6%
-(S=4): mean 90.4% over seeds 0-4, in 2.3 to 2.9 minutes each; k-means on raw pixels gets 79%
-(the paper, on MNIST: 98.9%). (Before the optimisers became fused Adam, whose float rounding
-differs, the same seeds gave 89.2/86.7/81.7/90.6/91.7%, mean 87.9%: the spread between
-seeds is the noise, not a gain.) The digits defaults depart from the paper (all below): the IIC
-clustering term on real images (--cluster-mi 4 --cluster-balance 2), a latent critic LC that
-E and G both play against (--latent-adv 1 --latent-adv-gen 1), instance noise 1, beta 2,
-width 16 / hidden 256 / 60 epochs. Without the clustering term (`--cluster-mi 0`, measured
-before it was added, so on the random stream of that code) the same seeds gave 72.5, 75.3,
-72.5, 73.1, 61.4% (mean 71.0%), below k-means; with the paper's losses alone it is lower
-still: the earlier defaults, now `--latent-adv 0 --latent-adv-gen 0 --instance-noise 0
---beta 1 --width 32 --hidden 512 --epochs 30`, gave 55.0%, 48.6%, 57.8% (mean 53.8%),
-measured before LC was added; LC is now built and trained (as a monitor) at weights 0 too,
-which shifts the random stream, and that command now gives 57.8% for S=0. In that run LC's
-own loss `lat` fell to 0.009 (it tells l_e from l_g every time; spreads 0.74 and 0.28 a
-coordinate); in the default runs it ends at 1.22 to 1.28 (chance: 1.39), with spreads 0.56
-and 0.55.
-What is left (defaults): in the weaker seeds two digits still share two categories, split by
-some style: 1s and 8s in seed 1 (18 1s with 12 8s in one category, 15 1s with 17 8s in
-another), 5s and 8s in seed 2 (17 5s with 12 8s, 13 5s with 18 8s). Which digits come to
-share depends on the categories G settles on in the first ~15 epochs: clu_mi stays at its
-value for a uniform C (-2 log 10 at balance 2) until about epoch 10, then refines G's
-categories, but rarely undoes a merge once made.
-What was left before the clustering term (seed 0, `--cluster-mi 0`): on generated images the
-categories follow the digits (a generated image's nearest real training image is of the
-digit most of its category's draws look like for 97% of 1000 draws), but two categories draw
-1s and none draws 8s, so real 8s go to the 1s' categories (and many 9s to the 3s'); with a
-digit left without a category the one-to-one matching cannot score above about 90%. (With
-the paper's losses 7 or 8 digits had a category of their own.)
-How we got there (seed 0, 30 epochs at width 32 / hidden 512 unless said; each run adds
-`--width 32 --hidden 512 --epochs 30` and the flags named to `python infoae.py`, with
---beta 1 --instance-noise 0 --latent-adv 0 --latent-adv-gen 0 where not named):
-- LC alone, `--latent-adv 1 --latent-adv-gen 1`: 66.1%; E's side only (gen 0): 64.4%;
-  3 and 3: 59.4%; 1 and 1 with --beta 2: 66.7%. The spreads of l_e and l_g now agreed
-  (0.36, 0.38 a coordinate, beta 2), but G still drew about one image per category (spread of l_g
-  within a category 0.045, of real digits' l_e within a class 0.17), so C drew its
-  boundaries between ten points.
-- LC with --z-scale 1: G used z, but C learnt c only at the very end (45.6%); with beta 2
-  or 4, c was learnt but the categories mixed digits (9 with 0, 5 with 6): 50.3% both;
-  beta 2 and noise 1: 53.1%. LC, beta 2 and --lr 5e-4 (c learnt by epoch 6): 57.2%.
-- LC 1 and 1 with instance noise: beta 2, noise 1: 71.4% (seed 1: 71.4%, seed 2: 58.3%);
-  noise 2: 57.8%; beta 1, noise 1: 58.6%; beta 3, noise 1: 66.1%; beta 2, noise 1 and
-  --epochs 50: 74.2% (4.1 minutes). With noise G used z (within-category spread 0.18, real
-  0.23) and the categories took digits. The default then trades width for steps (same
-  time, twice the steps): 72.5/75.3/72.5% above, against 71.4/71.4/58.3% at width 32 /
-  hidden 512 / 30 epochs. --epochs 100 (4400 steps, 4.1 minutes): 72.5% for seed 0, as at 60.
-- On top of the defaults, a category-balance term on real images (minus the entropy of the
-  batch mean of softmax C(E(x)), into E and C) with a confidence term (the mean entropy),
-  weights 1 and 1 (code not kept): 67.2/73.1/73.9/68.6/73.6% for seeds 0-4, mean 71.3%
-  against 71.0%. The defaults' categories already hold 21 to 53 of the 360 test images
-  each; what fails is which digits G gives a category (seed 0: two categories each mix 1s
-  and 8s), and balancing reshuffles images without lining categories up with digits.
-  --beta 3: 70.8% (seed 0).
-- InfoGAN's digits schedule on top of LC and noise, `--width 32 --hidden 512 --epochs 100
-  --beta 3` (4400 steps, 4.6 to 5.5 minutes on an idle 2-core CPU): 76.9/80.3/71.9/68.3/
-  71.1% for seeds 0-4, mean 73.7% against the defaults' 71.0%, in twice the time; within
-  seed noise, so the defaults stay.
-- The IIC clustering term clu_mi (into E and C; the defaults then, plus the flags named;
-  screened on an earlier draft whose random stream differed slightly, so these are not the
-  final numbers of the same seeds). At --cluster-mi 1: 84.4% (seed 0) with a smaller warp
-  (15 degrees, scale 1 +- 0.1); with 25 degrees and 1 +- 0.2 (one scale for width and
-  height) 81.7% (seed 0) and 76.1% (seed 1); --cluster-mi 4: 75.0% (seed 0, small warp). In
-  all of these 1s and 8s shared two categories, split by slant rather than by digit (seed 1:
-  4s and 6s too), and the term's value rose from 0 only after ~10 epochs, once G's
-  categories had set C's. At --cluster-balance 2 (IIC's lambda; the categories' sizes then
-  came out 33 to 40 test images each): 83.3% (seed 0), 74.2% (seed 1); with --beta 1: 77.8%;
-  --epochs 90: 84.4% (3.4 minutes); --batch-size 64 --epochs 100: 76.9% (seed 1). Code not
-  kept: four warped copies of each image in the term (77.5%), warps with a shear up to 0.4
-  as well (81.1%), warping the generated images E reads for cls_enc too (73.3%). Without the
-  classification terms (--beta 0, so C learns from clu_mi alone): 53.9%: the term refines
-  G's categories, it does not replace them. The weight decided it: --cluster-mi 3
-  --cluster-balance 2 gave 89.2% (seed 0) and 86.4% (seed 1), 1s and 8s now mostly in
-  categories of their own; --cluster-mi 5: 75.8% (seed 1). With 3 and 2 as defaults (and one
-  scale for width and height), `python infoae.py --seed S` gave 89.2/75.3/90.3/85.3/79.2%
-  for seeds 0-4, mean 83.8%, 2.2 to 2.5 minutes each. Where it failed (seed 1), 1s and 8s
-  again shared two categories, now split by width (narrow 1s and 8s in one, hooked 1s in
-  another, round 8s with 5s in a third): width and stroke survive a rotation and a uniform
-  scaling. Scaling width and height apart (the warp now) gave 91.9% (seed 1) and 83.3% (seed
-  4); over the five seeds 88.6/91.9/73.3/86.1/83.3%, mean 84.7% against 83.8%: within seed
-  noise (seed 1 rose by 17 points, seed 2 fell by 17), kept since it takes away the cue seed
-  1 had split on and the mean is no lower. On the failing seed 2: --epochs 80 (3.3 minutes)
-  71.7%, but --cluster-mi 4 81.7%; over the five seeds, --cluster-mi 4 gave
-  89.2/86.7/81.7/90.6/91.7%, mean 87.9% (every seed above k-means), so 4 is the default
-  (Measured; those runs were made with the flag before the default changed, the same
-  computation: `python infoae.py --seed 2` with the new default gave 81.7% again, every
-  logged loss the same).
-With the paper's losses alone (the earlier defaults), on 15- to 30-epoch runs of one seed
-each:
-- With z ~ U(-1,1)^100, z carries about 33 times the variance of the one-hot c into G, and
-  Dec first learns the digit from z; c is ignored for ~500 steps (cls_enc at chance) and
-  then settles on a style cue (the digit changes along a row of samples.png, with z).
-- With z ~ U(-s,s)^100 for s = 0.3 or 0.5, c dominates l_g early and down a column of
-  samples.png the digit now follows c (a pixel classifier trained on real digits agrees
-  with c on 57% to 77% of generated images; 7 or 8 digits get a category of their own), but
-  G all but ignores z: each row of samples.png is nearly one image.
-- Even then C(E(x)) on real images stays near 50%: E maps real images (l_e, spread ~0.5 per
-  coordinate) far from the latents it was trained to read on generated images (l_g,
-  l_ge, spread ~0.15), and a real image's nearest generated image shares its digit only
-  40-45% of the time. Nothing in the paper's losses trains C or SC on real images, so the
-  clustering rests on E generalising from generated to real images, which needs a generator
-  that covers the data; 1320 steps do not give one here.
-- No better (final accuracy 31% to 56%): z scale 0.1 or 0.3; decoding l_e and l_g in one
-  batch (so Dec's BatchNorm mixes them); encoding x and x_g in one batch; Dec's first layer
-  without BatchNorm (as the paper's rule would have it; generation collapsed); latent 10;
-  width 16 with hidden 256 (twice the steps per second); z scale ramped from 0.3 to 1; Dis
-  also reading each image's distance to its nearest neighbour in the batch (against
-  near-copies within a category: they stayed).
-The reconstruction weight 10 mainly lowers the reconstruction error (0.19 to 0.06-0.09).
-
-Losses. With l_g = G(z, c), x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g) and
-non-saturating GAN losses (sp(t) = log(1 + e^t), so sp(-t) = -log sigmoid(t)); t(x) a random
-small warp of the real image x and IIC the objective of cluster_information (below):
-
-    term      formula                                   reaches (and so trains)
-    rec       mean (x_r - x)^2                          E, Dec
-    dec_gen   sp(-Dis(x_g))                             Dec, G
-    dec_rec   sp(-Dis(x_r))                             Dec, E
-    cls_gen   cross-entropy(C(l_g), c)                  G, C
-    cls_enc   cross-entropy(C(l_ge), c)                 E, Dec, G, C
-    enc_sc    sp(-SC(l_ge, c))                          E, Dec, G
-    enc_lat   sp(-LC(l_e))           (not in the paper) E
-    gen_lat   sp(LC(l_g))            (not in the paper) G
-    clu_mi    -IIC(C(l_e), C(E(t(x)))) (not in the paper) E, C
-    dis       sp(-Dis(x)) + (sp(Dis(x_g)) + sp(Dis(x_r))) / 2, images detached   Dis
-    sc        sp(-SC(l_g, c)) + sp(SC(l_ge, c)), latents detached                SC
-    lat       sp(-LC(l_g)) + sp(LC(l_e)), latents detached (not in the paper)    LC
-
-The paper's Eq. 2 is a min-max: "the weights of E, Dec, G and C are updated to minimise the
-total loss, while the weights of Dis and SC are updated to maximise" their losses. So E, Dec,
-G and C take one step of one Adam on
+Six networks (paper §2). A generator G(z, c) turns noise z and a category c into a latent
+l_g; the decoder Dec turns latents into images, and Dec(l_g) must fool an image
+discriminator Dis; the encoder E maps images back to latents, Dec(E(x)) reconstructing x; a
+classifier C recovers c from l_g and from E(Dec(l_g)) (the mutual information between c and
+the latents); a latent "self critic" SC tells (G(z,c), c) from (E(Dec(G(z,c))), c), so E
+learns to invert Dec. After training, argmax C(E(x)) clusters real images, unsupervised.
+As in the paper's Eq. 2 (a min-max), E, Dec, G and C take one step of one Adam on
 
     rec_weight * rec + alpha * (dec_gen + dec_rec) + beta * (cls_gen + cls_enc) + gamma * enc_sc
       + latent_adv * enc_lat + latent_adv_gen * gen_lat + cluster_mi * clu_mi
-                                                    (these three: 0 in the paper),
 
-each term reaching every one of them it depends on (nothing is detached between them: this
-is how Dec "also maximises the mutual information between the condition and the generated
-samples", §2, through cls_enc, as InfoGAN's generator does). Dis and SC (and LC) are frozen
-while that loss is built (requires_grad off, so no gradient even reaches them). Then Dis and SC
-(and LC) each take one step on their own loss, whose inputs are detached so that it trains
-them only.
+(the terms and the networks each reaches: min_player_terms), built with the critics Dis, SC
+and LC frozen; then each critic takes one step on its own loss (critic_terms). The last
+three weights are 0 in the paper.
 
-The paper's total-loss equation (its Eq. 1) is lost; it says only that alpha, beta, gamma
-weigh the losses and that alpha = 1, beta = 1, gamma = 0.4 worked best. The choice here:
-- Only the minimising side is weighted. Dis, SC and LC each have one loss and their own Adam,
-  which is invariant to a constant factor on the loss, so a weight there would do nothing.
-- The four groups of the minimising side are: reconstruction (rec_weight, --rec-weight,
-  default 10: a per-pixel mean squared error is about ten times smaller than the
-  cross-entropies and GAN losses, and at weight 1 the autoencoder stayed poor, rec ~0.19 on
-  images in [-1, 1]), the image-adversarial terms dec_gen + dec_rec (alpha), the
-  information terms cls_gen + cls_enc (beta, InfoGAN's lambda, also 1 there for a
-  categorical code), and the self-critic term enc_sc (gamma). The smallest weight, 0.4, goes
-  to the self-critic because it is the one adversarial term in latent space and asks only
-  for agreement between E(Dec(l_g)) and l_g, which cls_enc already pushes towards; early on,
-  when SC tells the two apart trivially, its gradient would otherwise dominate E's. This
-  is our reading, not the paper's statement.
-All four are flags. The latent critic's two weights (--latent-adv, --latent-adv-gen; not in
-the paper, 0 there) and the clustering term's (--cluster-mi, 0 there) come on top: see LC
-and the clustering term below.
+    python infoae.py                          # digits: 60 epochs, about 2.5 min on 2 CPU cores
+    python infoae.py --dataset mnist --epochs 30
 
-Where this script fills gaps in or departs from the paper:
-- Architectures (the paper gives only their kind): E and Dis are DCGAN-style strided CNNs,
-  Dec its transposed mirror, G and C two-layer MLPs (hidden --hidden: 512, 256 on digits),
-  SC a three-layer MLP on (latent, one-hot c). BatchNorm everywhere except first and last
-  layers, so none in the two-layer G and C (they have only a first and a last layer) and
-  none in SC (whose inputs come in two batches, real and fake). Leaky ReLU (0.2) in E, Dis
-  and SC, ReLU in Dec, G, C.
-- Width: convolutions have w, 2w, 4w channels with w = --width, 64 in the DCGAN-sized
-  setting, 16 by default on the tiny digits (with --hidden 256: twice the steps a second of
-  width 32 / hidden 512, so 60 epochs fit in the time 30 took).
-- E's running BatchNorm statistics are recomputed on real training images before every
-  evaluation and checkpoint (training mixes real and generated batches into them; E is used
-  on real images). This does not change training, which uses each batch's own statistics.
-- Dis's last layer also reads the batch's spread (the standard deviation over the batch of
-  its first layer's features, averaged; progressive GANs' minibatch statistic, taken before
-  BatchNorm, which would hide it): without it the decoder learns to ignore z and draws one
-  image per category, which Dis, judging images one at a time, cannot see. (With the
-  z scale of 0.5 and no instance noise G nearly does so anyway: the statistic cannot tell a
-  batch of ten near-copies, one per category, from real variety.)
-- Unspecified by the paper: latent size 16 (--latent-dim; 64 did no better), z ~
-  Uniform(-0.5, 0.5)^100 (the text keeps "uniform" and drops the range; --z-scale, see
-  Measured), Adam beta1 = 0.5 (the usual GAN setting), mean squared error for
-  reconstruction, batch 32.
-- Under torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPUs) --batch-size is the
-  global batch, each rank trains on its shard of every epoch's shuffle and draws its own z
-  and c, and BatchNorm (and clu_mi's joint P(y, y')) uses each rank's own part of the batch
-  (no SyncBatchNorm). E, Dec, G and C are wrapped as one module (MinPlayers) and Dis, SC
-  and LC as another (Critics), so that DDP sees one forward and one backward per wrapper per step although every network is
-  used several times in it; the critics are only called, frozen, from MinPlayers, never
-  wrapped there. At the end the ranks check that they hold identical weights. Only rank 0 prints,
-  evaluates, draws pictures and writes the run folder.
-- Evaluation: test images are clustered by argmax C(E(x)) with E in eval mode and matched
-  one-to-one to the labels (Hungarian); the paper reports 98.9% +- 0.1 on MNIST. k-means on
-  raw digits pixels gets about 79%.
-- Interpolations: rows 1-5 go between two test images of different classes, rows 6-10 between
-  two of the same class (the paper's Fig. 2c and 2d); every column, the ends included, is
-  Dec of a latent, so the ends are reconstructions.
-- Default epochs: 60 on digits (2640 steps, about 2.5 minutes on a 2-core CPU), 50 elsewhere.
-- Latent critic LC (not in the paper; on by default on digits only, --latent-adv 1
-  --latent-adv-gen 1; 0 and 0 is the paper): the adversarial autoencoder's device between
-  E(x) and G(z, c). LC, a three-layer MLP on the latent alone (a real image has no c), tells
-  l_g = G(z, c) ("real") from l_e = E(x) ("fake") on detached latents, with its own Adam;
-  E is trained to fool it (enc_lat) and so is G, the other way (gen_lat). The paper trains
-  C only on l_g and l_ge, yet clusters by C(l_e): without LC, E put real images (spread ~0.5
-  a coordinate) far from the generated latents (~0.15) that C had learnt to read. With LC
-  the spreads agree (0.56 and 0.55 at the end of a default run) and C reads l_e. LC is built and
-  trained at every setting (its loss `lat`, logged, measures how far apart l_e and l_g
-  are); at weights 0 it reaches no other network.
-- Instance noise (not in the paper; as in infogan.py, Sonderby et al. 2016,
-  arXiv:1610.04490): every image Dis reads (real, generated, reconstructed, in both its own
-  step and the min-players') and the generated images E reads for l_ge get N(0, sigma^2)
-  noise, sigma falling linearly from --instance-noise to 0 over the run. E's real images
-  (reconstruction, l_e) get none. C (through E) must then recover c from noisy images, which
-  rewards carrying c in coarse shape, the digit; it also made G use z (below). Default 1 on
-  digits (images in [-1, 1]), 0 elsewhere.
-- Clustering term clu_mi (not in the paper; on by default on digits only, --cluster-mi 4
-  --cluster-balance 2; --cluster-mi 0 is the paper): IIC's objective (Ji et al. 2019,
-  arXiv:1807.06653) on real images, trained into E and C. Each real image x gets a random
-  warp t(x) (rotation up to 25 degrees, width and height each scaled by 1 +- 0.2, shift up
-  to 1.6 pixels; no instance noise); from the batch's joint distribution P(y, y') of the
-  categories of x and t(x) under softmax C(E(.)), clu_mi = -(balance * (H(y) + H(y')) -
-  H(y,y')), at balance 1 minus the mutual information I(y; y'). It asks each real image for
-  one confident category, the same for the image and its warp (so a category cannot be a
-  slant, a size or a width) and every category used equally often. The paper's losses train
-  C only on generated latents; its categories are G's choice (on digits G gave some digits
-  two categories, others none: see Measured). G follows C through cls_gen, so once C splits
-  the real digits G draws them. At weight 0 (the paper, and every dataset but digits) the
-  term is not built at all: no warp is drawn and E makes no third pass.
-- beta = 2 on digits (the paper's 1 elsewhere): with LC and instance noise, beta 1 learnt c
-  later and scored lower (see Measured).
+Where this script fills gaps in or departs from the paper (the measurements behind each
+choice, and the variants tried and not kept, are in docs/infoae.md):
+- The paper's total-loss equation (Eq. 1) is lost; the weights group the minimising side as
+  above (alpha 1, beta 1, gamma 0.4 as in the paper) plus a reconstruction weight, 10, since
+  a per-pixel squared error is much smaller than the cross-entropies and GAN losses.
+- Architectures (the paper gives only their kind): E and Dis DCGAN-style strided CNNs, Dec
+  their transposed mirror, G and C two-layer MLPs, SC a three-layer MLP on (latent, one-hot
+  c); BatchNorm everywhere except first and last layers (so none in G, C and SC); widths are
+  --width and --hidden (16 and 256 on the small digits, 64 and 512 elsewhere).
+- Dis's last layer also reads the batch's spread (progressive GANs' minibatch statistic), so
+  a decoder that ignores z and draws one image per category can be told from real variety.
+- Not given by the paper: latent size 16, z ~ Uniform(-0.5, 0.5)^100 (--z-scale), Adam
+  beta1 0.5, squared-error reconstruction, batch 32, 60 epochs on digits and 50 elsewhere.
+- E's BatchNorm statistics are recomputed on real training images before every evaluation
+  and checkpoint (training mixes real and generated batches into them).
+- On digits only (each flag at 0 gives the paper): a latent critic LC that tells G(z, c) from
+  E(x) and that E and G both play against (--latent-adv 1 --latent-adv-gen 1), so that C,
+  trained on generated latents, can read real ones; LC is built and trained at weight 0 too,
+  its loss `lat` logged as a measure of how far apart l_e and l_g are.
+- On digits only: instance noise (Sonderby et al. 2016, arXiv:1610.04490) on every image Dis
+  reads and on the generated images E reads, annealed from --instance-noise 1 to 0, so that
+  c is carried in coarse shape, the digit.
+- On digits only: IIC's clustering term (Ji et al. 2019, arXiv:1807.06653) on real images and
+  a random warp of each (--cluster-mi 4 --cluster-balance 2), into E and C, so that the
+  categories follow the real digits and not only G's choice; at weight 0 it is not built.
+- On digits only: beta 2 (the paper's 1).
+- Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
+  C are one DDP module (MinPlayers), the critics another (Critics).
 """
 import contextlib
 import time
@@ -389,8 +191,7 @@ class ImageDiscriminator(nn.Module):
         h = self.c1(x)
         # minibatch spread: how much the batch varies, taken before any BatchNorm (which
         # would rescale a batch of near-copies back to unit variance). A decoder that ignores
-        # z draws near-copies; a real batch varies. (Written out: 2.5x faster than
-        # h.std(0) forward and backward on a CPU, the same value.)
+        # z draws near-copies; a real batch varies. (h.std(0) written out: faster on a CPU.)
         spread = (h - h.mean(0)).square().mean(0).sqrt().mean().expand(len(h), 1)
         return self.out(torch.cat([self.rest(h), spread], 1)).squeeze(-1)
 
@@ -441,7 +242,7 @@ def build_networks(args, image_shape):
 
 MIN_PLAYERS = ("encoder", "decoder", "generator", "classifier")
 CRITICS = ("discriminator", "self_critic", "latent_critic")
-# which networks each loss term trains (the docstring's table; the tests check it)
+# which networks each loss term trains (min_player_terms' and critic_terms' tables; the tests check it)
 TRAINS = {"rec": {"encoder", "decoder"}, "dec_gen": {"decoder", "generator"},
           "dec_rec": {"decoder", "encoder"}, "cls_gen": {"generator", "classifier"},
           "cls_enc": {"encoder", "decoder", "generator", "classifier"},
@@ -496,13 +297,30 @@ def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
 
 def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
-    critics Dis, SC and LC frozen so that no gradient reaches them. sigma: instance noise on
-    the images Dis reads and on the generated images E reads (not on E's real images).
-    balance: IIC's lambda in clu_mi (cluster_information); clustering=False leaves clu_mi
-    out (its weight is 0), which spares the warp and E's pass over the warped images.
+    critics Dis, SC and LC frozen so that no gradient reaches them. With l_g = G(z, c),
+    x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g), sp(t) = log(1 + e^t) and t(x)
+    a random small warp of x:
 
-    Returns (terms, tensors): terms by name (docstring table), and the intermediate
-    l_g, x_g, x_r, l_ge that the critics' losses reuse (detached there).
+        term      formula                                 reaches (and so trains)
+        rec       mean (x_r - x)^2                        E, Dec
+        dec_gen   sp(-Dis(x_g))                           Dec, G
+        dec_rec   sp(-Dis(x_r))                           Dec, E
+        cls_gen   cross-entropy(C(l_g), c)                G, C
+        cls_enc   cross-entropy(C(l_ge), c)               E, Dec, G, C
+        enc_sc    sp(-SC(l_ge, c))                        E, Dec, G
+        enc_lat   sp(-LC(l_e))            (not in the paper) E
+        gen_lat   sp(LC(l_g))             (not in the paper) G
+        clu_mi    -IIC(C(l_e), C(E(t(x)))) (not in the paper) E, C
+
+    Nothing is detached between them: Dec "also maximises the mutual information between the
+    condition and the generated samples" (§2) through cls_enc, as InfoGAN's generator does.
+    sigma: instance noise on the images Dis reads and on the generated images E reads (not
+    on E's real images). balance: IIC's lambda in clu_mi (cluster_information);
+    clustering=False leaves clu_mi out (its weight is 0), which spares the warp and E's pass
+    over the warped images.
+
+    Returns (terms, tensors): terms by name, and the intermediate l_g, x_g, x_r, l_ge that
+    the critics' losses reuse (detached there).
     """
     E, Dec, G, C = (nets[k] for k in MIN_PLAYERS)
     Dis, SC, LC = (nets[k] for k in CRITICS)
@@ -531,7 +349,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
 
 def min_player_loss(terms, alpha, beta, gamma, rec_weight=1.0, latent_adv=0.0, latent_adv_gen=0.0,
                     cluster_mi=0.0):
-    """The weighted sum (the docstring says why these groups and weights)."""
+    """The weighted sum of min_player_terms (the module docstring says why these groups)."""
     return (rec_weight * terms["rec"] + alpha * (terms["dec_gen"] + terms["dec_rec"])
             + beta * (terms["cls_gen"] + terms["cls_enc"]) + gamma * terms["enc_sc"]
             + latent_adv * terms["enc_lat"] + latent_adv_gen * terms["gen_lat"]
@@ -539,8 +357,12 @@ def min_player_loss(terms, alpha, beta, gamma, rec_weight=1.0, latent_adv=0.0, l
 
 
 def critic_terms(nets, x, t, sigma=0.0):
-    """Dis: real images vs generated and reconstructed ones. SC: (l_g, c) real vs (l_ge, c)
-    fake. LC: l_g real vs l_e = E(x) fake. Inputs detached, so only the critics get gradients."""
+    """The critics' own losses, inputs detached so that each trains only its critic:
+
+        dis  sp(-Dis(x)) + (sp(Dis(x_g)) + sp(Dis(x_r))) / 2       Dis
+        sc   sp(-SC(l_g, c)) + sp(SC(l_ge, c))                      SC
+        lat  sp(-LC(l_g)) + sp(LC(l_e))        (not in the paper)   LC
+    """
     Dis, SC, LC = (nets[k] for k in CRITICS)
     dis = F.softplus(-Dis(common.instance_noise(x, sigma))).mean() + 0.5 * (
         F.softplus(Dis(common.instance_noise(t["x_g"].detach(), sigma))).mean()

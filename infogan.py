@@ -6,80 +6,43 @@ arXiv:1606.03657.
 
     min_{G,Q} max_D  V_GAN(D, G) - lambda * L_I(G, Q),   L_I = E_{c, x=G(z,c)}[log Q(c|x)] + H(c)
 
-L_I is a variational lower bound on I(c; G(z, c)). Categorical codes use Q's softmax (their
-term is minus a cross-entropy), continuous codes a factored Gaussian Q(c|x) with a learned
-mean and log-variance per code. This script minimises the *information loss*
-lambda_cat * CE + lambda_cont * Gaussian NLL = -(L_I - H(c)) summed over codes, so a Q that
-recovers the codes gives a lower loss. D and Q share a trunk (common.InfoGANEncoder, saved
-as the run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's 128-d
-hidden layer). At the end the test images are clustered by argmax Q(c_cat | x) and scored
-with the best one-to-one matching of categories to labels (paper: ~95% on MNIST).
+L_I is the paper's variational lower bound on I(c; G(z, c)). Categorical codes use Q's
+softmax (their term is minus a cross-entropy), continuous codes a factored Gaussian Q(c|x).
+This script minimises the *information loss* lambda_cat * CE + lambda_cont * Gaussian NLL =
+-(L_I - H(c)) summed over codes. D and Q share a trunk (common.InfoGANEncoder, saved as the
+run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's hidden layer). At
+the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one to the
+labels (paper: about 95% on MNIST).
 
-    python infogan.py                            # digits, CPU: 4400 steps, see below
+    python infogan.py                            # digits, CPU: 100 epochs, 4400 steps
     python infogan.py --dataset mnist --epochs 50
-    python infogan.py --dataset svhn --n-cat 4 --n-cont 4 --noise-dim 124
-    torchrun --standalone --nproc_per_node=2 infogan.py --device cpu   # DDP, 2 processes
 
-Where this script fills gaps in or departs from the paper:
-- Images are 32x32 (MNIST is padded from 28), so G's first map is 8x8 (the paper's 7x7)
-  and G ends in tanh, since the data live in [-1, 1]. Leaky ReLU slope 0.1.
-- D's loss is the usual binary cross-entropy; G uses the non-saturating loss. D (trunk and
-  its head) and Q are updated together on a detached fake batch with
-  V_D + lambda * info loss, at lr 2e-4 for D and 1e-3 for Q; G is then updated with its GAN
-  loss + lambda * info loss at 1e-3. The trunk thus learns from both D's and Q's objectives.
-- The trunk sees each real batch and fake batch concatenated into one batch, in D's step and
-  in G's, so BatchNorm normalises both with the same statistics. With separate batches (the
-  usual DCGAN practice) the BatchNorm just before D's linear head removes most of what tells
-  a real batch from a fake one, and D took hundreds of steps to learn anything on digits.
-- Instance noise (Sonderby et al. 2016, arXiv:1610.04490; Arjovsky & Bottou 2017): every
-  image the trunk reads, real or fake, in D's step and in G's, gets Gaussian noise whose std
-  falls linearly from --instance-noise to 0 over the run. Q therefore recovers the codes from
-  noisy images too, which rewards G for carrying c_cat in coarse shape (the digit) rather than
-  in fine detail, and the noise keeps D from winning outright on the 1437 digits images (it
-  did: D(real) ~0.95, D(fake) ~0.05, and G kept categories of unrealistic images or of two
-  look-alike digits). On digits: --instance-noise 1 (on data in [-1, 1]); the paper has none,
-  which stays the default elsewhere.
-- lambda_cat = 3 on digits (the paper's 1 elsewhere): with instance noise, 1 gave 75% and 3
-  gave 89% (seed 0, 60 epochs).
-- Narrower networks on digits (--width 32, --fc-dim 256 for D's trunk and G; the paper's 64
-  and 1024 elsewhere): ~6x faster a step on CPU, so more steps fit in a few minutes.
-- Clustering accuracy is measured after resetting the trunk's BatchNorm running statistics
-  to those of the real training images (training leaves averages of mixed real and fake
-  batches; Q is evaluated, and eval_probe.py probes, on real images). Training is unaffected.
-  The metrics also log the accuracy with the training statistics (cluster_acc_mixed_bn):
-  up to 9 points off during training, either way, and within 0.3 at the end of the five
-  runs below.
-- Weights are initialised as in DCGAN (N(0, 0.02)); PyTorch's default saturates G's tanh.
-- The continuous codes' Gaussian has a learned log-variance, clamped to [-8, 4]
-  (--learn-cont-var 0: unit variance, as in the authors' MNIST code; on digits that left the
-  continuous codes unused and scored lower, 50% without instance noise).
-- Traversal grid (paper Fig. 2): one fixed noise vector z, one row per value of the first
-  categorical code (the other categorical codes at 0), columns sweeping each continuous code
-  from -2 to 2 in turn (the others at 0). Without continuous codes the columns show
-  different fixed noise instead. Written every 10 epochs and after the last.
-- Batch 32 (the paper does not say); more updates per epoch on the small digits set.
-- Default epochs: 50 for MNIST-sized data (the paper does not say), 100 for the bundled
-  digits (4400 steps).
-- Under torchrun (DDP, gloo on CPU or NCCL on GPUs) --batch-size is the global batch: each
-  process draws its own noise and codes, reads its shard of the data and normalises its own
-  real + fake batch (no BatchNorm synchronisation); D, Q and G's gradients are averaged
-  across processes. Rank 0 alone prints, evaluates and writes pictures and checkpoints.
-
-Measured (2 CPU cores shared with another job, OMP_NUM_THREADS=1, 3.0-3.2 min a run):
-`python infogan.py --seed S` for S = 0..4 reached a clustering accuracy on the digits test set
-of 82.5 / 81.9 / 76.9 / 88.3 / 75.8% (mean 81.1%, median 81.9%) against k-means on raw
-pixels' 79%; before the optimisers became fused Adam (other float rounding, so other runs)
-the same seeds gave 79.2 / 90.8 / 91.1 / 71.9 / 86.1% (mean 83.8%), the measure of seed
-noise. The result depends on the seed: in the weaker runs two categories share a digit while
-two digits share a category (seed 3 of the earlier runs: two categories of 7s, 1s and 8s in
-one), and a continuous code still morphs one digit into another in a row or two of the
-traversal grid.
-Ablations at 60 epochs, seed 0, lambda_cat 3: instance noise 0 / 0.2 / 0.5 / 1 / 2 gave
-68 / 69 / 82 / 89 / 76%; seed 1 with noise 1 gave 79% at 60 epochs and 91% at 100. Without
-instance noise (lambda_cat 1, the paper's sizes, 30 epochs) the categorical code settled on
-groups of look-alike digits: 48% (seed 0), 59% (seed 1); 64% with the narrow networks at 100
-epochs, and a smaller z (16), unit-variance continuous codes, batch 64, lambda_cat 6 or D's
-lr 1e-4 / 5e-5 (lambda_cat 3) stayed at 50-64%.
+Where this script fills gaps in or departs from the paper (the measurements behind each
+choice, and the variants tried and not kept, are in docs/infogan.md):
+- Images are 32x32 (MNIST is padded from 28), so G's first map is 8x8 (the paper's 7x7), and
+  G ends in tanh, since the data live in [-1, 1]. Leaky ReLU slope 0.1.
+- D's loss is binary cross-entropy, G's the non-saturating loss. D (trunk and head) and Q are
+  updated together on a detached fake batch with V_D + lambda * info loss (lr 2e-4 for D,
+  1e-3 for Q); then G with its GAN loss + lambda * info loss (1e-3).
+- The trunk reads each real and fake batch concatenated into one, in D's step and in G's, so
+  BatchNorm normalises both with the same statistics; with separate batches the BatchNorm
+  before D's head removes most of what tells a real batch from a fake one.
+- On digits only: instance noise (Sonderby et al. 2016, arXiv:1610.04490) on every image the
+  trunk reads, annealed from --instance-noise 1 to 0, so that D does not win outright on the
+  small set and Q rewards c_cat carried in coarse shape; the paper's 0 elsewhere.
+- On digits only: lambda_cat 3 (the paper's 1) and narrower networks, --width 32 --fc-dim 256
+  (the paper's 64 and 1024), so that more steps fit in a few CPU minutes.
+- Clustering accuracy is measured after resetting the trunk's BatchNorm running statistics to
+  those of the real training images (training leaves averages of real and fake batches);
+  cluster_acc_mixed_bn logs it with the training statistics.
+- Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
+- The continuous codes' Gaussian learns its log-variance, clamped to [-8, 4]
+  (--learn-cont-var 0: unit variance, as in the authors' MNIST code).
+- Traversal grid (paper Fig. 2): one fixed z, one row per value of the first categorical
+  code, columns sweeping each continuous code from -2 to 2 in turn; every 10 epochs.
+- Not given by the paper: batch 32, 50 epochs on MNIST-sized data (100 on digits).
+- Under torchrun --batch-size is the global batch; each process draws its own noise and
+  codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
 import time
 

@@ -3,129 +3,56 @@
 Sanchez, Serrurier, Ortner. "Learning Disentangled Representations via Mutual Information
 Estimation", ECCV 2020, arXiv:1912.03915.
 
-Pairs (X, Y) from two domains share some factors. Each domain gets a shared encoder (S, 64-d
-in the paper, 16-d and whitened here on colourful digits) and an exclusive encoder (Z, 8-d in
-the paper, 4-d and whitened here); R = (S, Z). Two stages (PAPERS.md §5):
+Pairs (X, Y) from two domains share some factors. Each domain gets a shared encoder (S) and
+an exclusive encoder (Z); R = (S, Z). Two stages:
 
     stage 1  max  b1 [I(C(X); S_Y) + I(C(Y); S_X)] + a1 [I(X; S_Y) + I(Y; S_X)] - l1 |S_X - S_Y|
     stage 2  max  b2 I(C(X); R_X) + a2 I(X; R_X) - h HSIC(S_X, Z_X)   (and the same for Y),
-             the shared encoders frozen, Z whitened over the batch,
+             the shared encoders frozen,
 
-with C(.) the local feature map of the encoder being trained, DIM's estimators (JSD by
-default) and critics, and HSIC (Gretton et al., ALT 2005) a kernel measure of the dependence
-of S and Z that the exclusive encoder minimises; it is computed exactly on every step, over
-the batch and the 7 before it. The paper drives I(S; Z) down with an adversary instead: a
-term - g D(joint (S_X, Z_X) || shuffled (S_X, Z_X')), D a discriminator that tells (S, Z)
-from (S, Z shuffled across the batch), which Z learns to fool; `--adversarial 0.1 --hsic 0`
-here. CLUB's learned upper bound of I(S; Z) (Cheng et al., ICML 2020) is `--club 3`. All
-three can be combined; why HSIC is the default is below.
+with C(.) the local feature map of the encoder being trained and DIM's estimators (JSD by
+default) and critics. The paper drives I(S; Z) down with an adversary, - g D(joint (S_X, Z_X)
+|| shuffled (S_X, Z_X')), D telling (S, Z) from (S, Z shuffled across the batch):
+`--adversarial 0.1 --hsic 0` here. By default HSIC (Gretton et al., ALT 2005), a kernel
+measure of the dependence of S and Z, does it instead, computed exactly on every step.
 
-    python shared_exclusive.py                     # colourful digits, CPU, 8.4 min on 2 idle cores
+    python shared_exclusive.py                     # colourful digits, CPU, about 8 min
     python shared_exclusive.py --dataset colorful-mnist --epochs 20
-    python shared_exclusive.py --stage 1           # then: --stage 2 --shared-from RUN/checkpoint.pt
-    torchrun --standalone --nproc_per_node=2 shared_exclusive.py --device cpu   # 2 processes
 
-Data: colourful-MNIST (PAPERS.md §5) and the same construction on scikit-learn's bundled
-digits (the offline default): X is the white digit on a background colour, Y the digit drawn
-in a colour on white, both colours drawn independently from 12 hues (common.PALETTE).
+Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
+(the offline default): X is the white digit on a background colour, Y the digit drawn in a
+colour on white, the two colours drawn once (common.PAIR_DATA_SEED), independently, from 12
+hues (common.PALETTE). What
+"shared" means is set by the pairing: `--pairing same-image` (the paper's) draws both images
+from one MNIST image, so S holds the digit's class and style; `--pairing same-class` pairs
+two drawings of one class, so S becomes a class code and the pairing is weak supervision.
 
-What "shared" means is decided by the pairing, not by the method. The critics of stage 1 must
-tell a true pair from a pair mixed across the batch, and only what the two images of a true
-pair have in common helps. With `--pairing same-image` (the paper's) both images are drawn
-from one MNIST image, so S is everything about that image except colour: digit class *and*
-style (slant, thickness), learned without any label. With `--pairing same-class` the two
-images are different drawings of one class, so the only thing they share is the class: S
-becomes a class code, and the pairing itself is the (weak) supervision: someone had to know
-the labels to form the pairs. Pairs with nothing in common would leave S nothing to learn.
-
-Where this script fills gaps in or departs from the paper (every number behind these choices,
-and every variant tried and not kept, is in docs/shared_exclusive.md):
-- Stage 2's global/local weights are not given in PAPERS.md; they default to stage 1's
-  (local 1, global 0.5). All weights are flags.
-- S is normalised, which the paper does not specify. Left unbounded (`--shared-norm none`),
-  the L1 term is paid off by shrinking S instead of by removing colour. On colourful digits S
-  is whitened over the batch (`--shared-norm whiten`, common.Whitening: Cholesky whitening
-  with the batch's statistics, gradients through them, running ones in eval), 16-d, trained
-  36 epochs; elsewhere it is standardised per dimension (`--shared-norm batch`) and 64-d as in
-  the paper (colourful-MNIST is unmeasured here). Standardised, S kept colour in directions
-  of tiny variance, where the L1 pull costs next to nothing (a probe on whitened S read S_X's
-  background at 0.46); whitened, every direction costs the same (0.09).
-- The L1 term is the L1 norm of S_X - S_Y summed over the code, averaged over the batch, at
-  weight 3.0, not the paper's 0.1 (`--l1 0.1`), which goes with the paper's unstated scale of
-  S: on standardised S, 0.1 left the background readable from S_X at 94%, 3.0 at 19%.
-- Z is whitened too (`--exclusive-norm whiten`) and I(S; Z) is pushed down by HSIC (`--hsic
-  30`), not by the paper's adversary. Three measurements led here. An untrained exclusive
-  encoder's Z already reads the digit at 0.49, so Z has to be pushed off the digit, not
-  merely left untaught. Learned critics of the dependence are evaded: the paper's
-  discriminator stayed near chance and left the digit at 0.40-0.59; CLUB's q (the previous
-  default) fell to its no-information fit while a q fitted afterwards on the final codes
-  found 1.6-2.2 nats of S in Z, which the encoder had moved into directions of 170-22 000x
-  less variance than the colour's (MLP on whitened Z: digit 0.47-0.58). A whitened Z has no
-  such direction, but the digit then lives *within each colour*: with Z whitened and HSIC
-  on single batches at the median bandwidth, a linear probe read the digit from whitened Z
-  at chance (0.10-0.12) and from Z minus each colour's mean at 0.27-0.36 (MLP: 0.39-0.45).
-  A kernel at the median distance, which the colour sets, does not see that dependence, and
-  on 64 rows even a narrow kernel told the true pairing from a shuffled one by only 1.7
-  standard deviations. So Z's kernel averages four bandwidths (the 0.5, 0.1, 0.03 and 0.01
-  quantiles of the squared distances; S's is the median) and each step scores the batch
-  with the 7 before it, detached (`--hsic-batches 8`, 512 rows). HSIC is normalised (centred
-  kernel alignment, 0 to 1) and its bandwidths are detached, so rescaling Z cannot lower it.
-- Z is 4-d, not 8-d (`--exclusive-dim 8` for the paper's). Whitened, every one of Z's
-  directions has unit variance, and twelve colours do not need eight. With 8 dimensions Z_X's
-  colour clusters were points, but Z_Y filled the directions they left by spreading one or
-  two of its colours. Those colours held nearly all of Z_Y's within-colour variance, and the
-  digit: Z_Y read it at 0.23-0.31 over three seeds. With 4 dimensions every cluster is a
-  point (within-colour variance at most 1% of Z's) and Z_Y reads the digit at 0.11-0.12.
-  Without HSIC, the 4-d Z reads it at 0.30 / 0.40 (Z_X / Z_Y).
-- The adversary, when on, shuffles Z with a random cyclic permutation (a derangement), so no
-  sample meets its own Z by chance; its loss is the GAN cross-entropy, the exclusive encoder
-  gets the non-saturating form, and the discriminator (an MLP 1000-200-1 as DIM's prior
-  discriminator) takes `--disc-steps 10` steps per encoder step, each on a new shuffle.
-  CLUB's q(S | Z), when on, is a diagonal Gaussian whose mean and log-variance are MLPs of Z
-  standardised per dimension, fitted by maximum likelihood with `--disc-steps` Adam steps
-  at `--club-lr` per encoder step; the encoder minimises mean_i [log q(s_i | z_i) - mean_j
-  log q(s_j | z_i)] through Z.
-- Local MI uses DIM's encode-and-dot-product critic on the encoder's 8x8 map (`--critic
-  concat` for concat-and-convolve), global MI DIM(G)'s critic on the last conv map; negatives
-  are all other images of the batch. Stage 2's local map comes from the exclusive encoder.
-- Colours and same-class partners are drawn once with a fixed seed (common.PAIR_DATA_SEED):
-  every run and every evaluation sees the same pairs.
-- `--max-steps` caps the steps of *each* stage (smoke tests run both stages).
-- Evaluation: a classifier on frozen S_X, S_Y, Z_X, Z_Y (test split, trained on the train
-  split) for digit, background and foreground colour; `--probe mlp` (one 200-unit hidden
-  layer on standardised codes; default, since "carries no colour" should not depend on
-  colour being linear), `--probe linear`, or `--probe whitened-mlp`, the MLP on PCA-whitened
-  codes, which reads what lies in directions of small variance. Default epochs: 36 for stage
-  1 and 24 for stage 2 on colourful digits (1437 training pairs, 22 steps an epoch), 20 per
-  stage on colourful-MNIST (the paper's count is not in PAPERS.md).
-- Dot critic embedding 256 wide by default (DIM's 2048 is a flag away): on a CPU the critics
-  would otherwise cost as much as the encoders.
-- Under torchrun, `--batch-size` is the global batch, split evenly over the processes, each
-  reading its own shard of the data. The MI critics score every process's samples (negatives
-  gathered with common.gather_batch); HSIC, the adversary's shuffle and CLUB use each
-  process's own rows (a product-of-marginals sample needs no other rows), and whitening each
-  process's own batch, which must hold more samples than the code has dimensions (checked
-  before anything is written). BatchNorm statistics are per process. Rank 0 alone prints,
-  writes the run folder and evaluates.
-
-Measured (`python shared_exclusive.py --seed S`, the defaults: colourful digits, whitened
-16-d S, whitened 4-d Z, HSIC; 36 + 24 epochs; 8.4 min on 2 idle cores, 21.1 min with three
-runs sharing the cores, one thread each). Test accuracy, cells digit / background /
-foreground by the default MLP probe, chance 0.10 / 0.083 / 0.083; the whitened probe reads
-Z's digit at 0.11-0.12 in all six Z:
-
-    seed  S_X             S_Y             Z_X             Z_Y
-    0     0.97 0.09 0.09  0.97 0.09 0.10  0.11 1.00 0.08  0.11 0.09 1.00
-    1     0.98 0.12 0.09  0.98 0.08 0.11  0.13 1.00 0.06  0.11 0.09 0.99
-    2     0.96 0.09 0.09  0.96 0.09 0.10  0.11 1.00 0.07  0.12 0.09 1.00
-
-S carries the digit and no colour; each Z carries its own colour and not the digit, at the
-level of a code as plain as the image's mean RGB (digit 0.14 for X, 0.12 for Y). A k-NN
-(eval_probe.py's: 20 neighbours, cosine), which ignores scale, still reads the digit from Z
-at 0.20-0.26, from variation inside each colour cluster about 1% of Z's variance (mean RGB:
-0.13 / 0.08). The previous defaults (8-d Z) left Z_Y 0.23-0.31; before them (CLUB, Z not
-whitened) Z_X / Z_Y read 0.21-0.26 / 0.14-0.20 by the default probe and 0.47-0.58 / 0.49-0.55
-by the whitened one; the paper's adversary left 0.40-0.59.
+Where this script fills gaps in or departs from the paper (the measurements behind each
+choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
+- Stage 2's global/local weights are not given; they default to stage 1's (local 1, global
+  0.5). All weights are flags.
+- S is normalised, which the paper does not specify: whitened over the batch on colourful
+  digits (`--shared-norm whiten`, common.Whitening) and 16-d, standardised per dimension
+  (`--shared-norm batch`) and the paper's 64-d elsewhere; left unbounded, the L1 term is paid
+  off by shrinking S instead of by removing colour.
+- The L1 term (summed over the code, averaged over the batch) has weight 3.0, not the
+  paper's 0.1 (`--l1 0.1`), which goes with the paper's unstated scale of S.
+- Z is whitened too, and 4-d, not 8-d (`--exclusive-dim 8`): a whitened 8-d Z has directions
+  its twelve colours do not need, and those carried the digit.
+- I(S; Z) is pushed down by normalised HSIC (`--hsic 30`), not by the paper's adversary,
+  which the exclusive encoder evaded. Z's kernel averages four bandwidths (narrow ones see
+  the digit within each colour) and each step scores the batch with the 7 before it
+  (`--hsic-batches 8`), detached.
+- The adversary, when on, shuffles Z with a random cyclic permutation (no sample meets its
+  own Z), uses the GAN cross-entropy (non-saturating for the encoder), and its discriminator
+  (DIM's 1000-200-1 prior discriminator) takes `--disc-steps 10` steps per encoder step.
+- Dot critic embedding 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
+- Not given by the paper: 36 + 24 epochs on colourful digits, 20 + 20 on colourful-MNIST.
+  `--max-steps` caps each stage.
+- Evaluation: an MLP probe (one 200-unit hidden layer; `--probe linear`, or `whitened-mlp` on
+  PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
+- Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
+  from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
 import math
 import os
@@ -460,7 +387,7 @@ def probe_accuracy(kind, train_x, train_y, test_x, test_y, seed):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     # whitened-mlp rescales every principal direction to unit variance first, so what lies in
-    # directions of small variance weighs as much as the rest (S keeps colour there: docstring)
+    # directions of small variance weighs as much as the rest (where S kept colour: docs/shared_exclusive.md)
     scale = PCA(whiten=True) if kind == "whitened-mlp" else StandardScaler()
     clf = make_pipeline(scale, MLPClassifier((200,), alpha=1e-3, max_iter=500, random_state=seed))
     clf.fit(train_x, train_y)
@@ -478,7 +405,7 @@ def evaluation_table(reps, pair, kind, seed):
         row = {"representation": rep[0] + "_" + rep[1]}
         for col, target in enumerate(common.PAIR_LABELS):
             # one BLAS thread: these fits are small, and threads spinning on a busy CPU made
-            # them up to 50x slower
+            # them many times slower
             with warnings.catch_warnings(), threadpool_limits(1):
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 acc = probe_accuracy(kind, tr, tr_lab[:, col], te, te_lab[:, col], seed)
