@@ -125,12 +125,6 @@ def parse_args(argv=None):
     p.add_argument("--adversarial", type=common.nonneg_float, default=0.0,
                    help="stage 2 weight of the paper's GAN loss that drives I(S; Z) down (paper: 0.1; "
                         "off by default, --hsic does it here; see the docstring)")
-    p.add_argument("--club", type=common.nonneg_float, default=0.0,
-                   help="stage 2 weight of CLUB's upper bound of I(S; Z) (not in the paper; see the "
-                        "docstring)")
-    p.add_argument("--club-lr", type=float, default=1e-3,
-                   help="Adam learning rate of CLUB's q(S | Z), stepped --disc-steps times per "
-                        "encoder step")
     p.add_argument("--shared-norm", default=None, choices=list(NORM_ARCH),
                    help="S whitened over the batch (common.Whitening; default on colorful-digits), "
                         "standardised per dimension (BatchNorm without affine; default elsewhere) "
@@ -138,8 +132,8 @@ def parse_args(argv=None):
     p.add_argument("--exclusive-norm", default="whiten", choices=["none", "whiten"],
                    help="Z left as the encoder gives it or whitened over the batch like S")
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
-                   help="steps of the S-Z discriminator D (each on a new shuffle of the batch) and "
-                        "of CLUB's q(S | Z) per encoder step (stage 2)")
+                   help="steps of the S-Z discriminator D (each on a new shuffle of the batch) per "
+                        "encoder step (stage 2)")
     p.add_argument("--embed-dim", type=common.positive_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
     p.add_argument("--probe", default="mlp", choices=["mlp", "linear", "whitened-mlp"],
@@ -200,44 +194,6 @@ def sz_encoder_loss(disc, s, z):
     return F.softplus(disc(s, z)).mean()
 
 
-class SZPredictor(nn.Module):
-    """CLUB's variational net q(S | Z) (Cheng et al. 2020): a diagonal Gaussian over S whose
-    mean and log-variance (bounded by tanh, as in CLUB's code) are MLPs of Z."""
-
-    def __init__(self, z_dim, s_dim, hidden=200):
-        super().__init__()
-        self.mean = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                                  nn.ReLU(inplace=True), nn.Linear(hidden, s_dim))
-        self.logvar = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, s_dim),
-                                    nn.Tanh())
-
-    def forward(self, z):
-        # each dimension standardised over the batch: the digit that Z still carries lies in
-        # dimensions of small variance (the colour takes most of it), which the evaluation's
-        # probe standardises too; on raw Z, q read too little of it to push it out
-        z = z.float()
-        z = (z - z.mean(0)) / z.std(0).clamp_min(1e-6)
-        return self.mean(z), self.logvar(z)
-
-
-def club_fit_loss(q, s, z):
-    """q's own loss: the negative log-likelihood of S given Z (encoders detached)."""
-    mean, logvar = q(z.detach())
-    return (((s.detach().float() - mean) ** 2) / logvar.exp() + logvar).sum(1).mean() / 2
-
-
-def club(q, s, z):
-    """CLUB's upper bound of I(S; Z): log q(s_i | z_i) minus its mean over every s_j of the
-    batch; about 0 when q finds nothing of S in Z. The exclusive encoder minimises it
-    through Z (q's weights are stepped only by club_fit_loss)."""
-    mean, logvar = q(z)  # (N, dim_S) each
-    s = s.float()
-    positive = -((s - mean) ** 2 / (2 * logvar.exp())).sum(1)  # (N,)
-    # (N, N, dim_S): z_i's prediction scored against every s_j, averaged over j
-    negative = -((s[None, :, :] - mean[:, None, :]) ** 2 / (2 * logvar.exp()[:, None, :])).sum(2).mean(1)
-    return (positive - negative).mean()
-
-
 HSIC_QUANTILES = (0.5, 0.1, 0.03, 0.01)
 
 
@@ -294,7 +250,6 @@ def build_networks(args, image_shape, device):
             critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim)
             critics[f"exclusive_global_critic_{d}"] = common.GlobalCritic(conv_dim, r_dim)
             critics[f"sz_disc_{d}"] = SZDiscriminator(r_dim)
-            critics[f"sz_club_{d}"] = SZPredictor(args.exclusive_dim, args.shared_dim)
     for m in (*enc.values(), *critics.values()):
         m.to(device)
     return enc, critics, {"shared": shared_cfg, "exclusive": excl_cfg}
@@ -354,9 +309,6 @@ def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
             past.insert(0, (s.detach(), z.detach()))
             del past[args.hsic_batches - 1:]
             loss = loss + args.hsic * logs[f"hsic_{d}"]
-        if args.club > 0:  # I(S; Z) down through CLUB's upper bound
-            logs[f"club_{d}"] = club(critics[f"sz_club_{d}"], s, z)
-            loss = loss + args.club * logs[f"club_{d}"]
         sz[d] = (s, z)
     return loss, logs, sz
 
@@ -486,8 +438,6 @@ def train(args):
     stage2 = [p for k, m in {**enc, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
     optimizers = {"shared_opt": common.adam(stage1, lr=args.lr),
                   "exclusive_opt": common.adam(stage2, lr=args.lr),
-                  "club_opt": common.adam([p for d in "xy" for p in critics[f"sz_club_{d}"].parameters()],
-                                               lr=args.club_lr),
                   "disc_opt": common.adam([p for d in "xy" for p in critics[f"sz_disc_{d}"].parameters()],
                                                lr=args.lr)}
     # the epoch plan: (stage, epoch within the stage); a checkpoint's epoch counts plan entries
@@ -550,12 +500,6 @@ def train(args):
                 d_loss.backward()
                 optimizers["disc_opt"].step()
                 logs["sz_disc"] = d_loss
-            for _ in range(args.disc_steps if stage == 2 and args.club > 0 else 0):  # CLUB's q
-                q_loss = sum(club_fit_loss(fwd[f"sz_club_{d}"], *sz[d]) for d in "xy")
-                optimizers["club_opt"].zero_grad(set_to_none=True)
-                q_loss.backward()
-                optimizers["club_opt"].step()
-                logs["club_fit"] = q_loss
             step += 1
             stage_steps[stage] += 1
             n_steps += 1

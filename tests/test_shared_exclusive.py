@@ -139,7 +139,7 @@ class Stub(nn.Module):
 
 def loss_args(**kw):
     base = dict(shared_local=0.0, shared_global=0.0, l1=0.0, exclusive_local=0.0,
-                exclusive_global=0.0, adversarial=0.0, club=0.0, hsic=0.0, hsic_batches=1,
+                exclusive_global=0.0, adversarial=0.0, hsic=0.0, hsic_batches=1,
                 local_layer="c2")
     return SimpleNamespace(**{**base, **kw})
 
@@ -284,47 +284,6 @@ def test_discriminator_loss_sign():
     assert se.sz_disc_loss(wrong, s, z) > 10
     # the encoder's GAN loss is the opposite: low when the joint is called shuffled
     assert se.sz_encoder_loss(wrong, s, z) < 1e-3 < se.sz_encoder_loss(right, s, z)
-
-
-def test_club_is_high_only_when_q_reads_s_from_z_and_its_gradient_lowers_it():
-    torch.manual_seed(0)
-    n = 128
-    s_codes, z_codes = torch.randn(10, 16), torch.randn(10, 4)
-
-    def batch(dependent):  # S a digit code; Z a colour, plus the digit when dependent
-        digit = torch.randint(0, 10, (n,))
-        z_rest = z_codes[digit] if dependent else torch.randn(n, 4)
-        return s_codes[digit] + 0.3 * torch.randn(n, 16), torch.cat([torch.randn(n, 2), z_rest], 1)
-
-    for dependent in (True, False):
-        q = se.SZPredictor(6, 16, hidden=64)
-        opt = torch.optim.Adam(q.parameters(), lr=1e-2)
-        for _ in range(200):
-            loss = se.club_fit_loss(q, *batch(dependent))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        s, z = batch(dependent)
-        z.requires_grad_()
-        value = se.club(q, s, z)
-        if not dependent:
-            assert abs(value) < 1.0, value
-            continue
-        assert value > 10.0  # q predicts S from Z: true pairs score far above other pairs
-        assert abs(se.club(q, s, z[torch.randperm(n)])) < 0.2 * value  # a shuffled Z: no more
-        # as a stage 2 cost: added to the loss, and a gradient step on Z lowers it
-        maps = dict(c2=torch.zeros(n, 2, 2, 2), conv=torch.zeros(n, 3, 1, 1))
-        enc = {"shared_x": Stub(y=s), "shared_y": Stub(y=s),
-               "exclusive_x": Stub(y=z, **maps), "exclusive_y": Stub(y=z, **maps)}
-        critics = {"sz_club_x": q, "sz_club_y": q}
-        loss, logs, _ = se.exclusive_step(torch.zeros(n), torch.zeros(n), enc, critics,
-                                          common.jsd_bound, loss_args(club=1.0))
-        assert torch.isclose(loss, 2 * value) and torch.isclose(logs["club_x"], value)
-        grad, = torch.autograd.grad(loss, z)
-        with torch.no_grad():
-            assert se.club(q, s, z - 0.05 * grad / grad.pow(2).mean().sqrt()) < 0.95 * value
-        # q's own fit does not move Z
-        assert torch.autograd.grad(se.club_fit_loss(q, s, z), z, allow_unused=True) == (None,)
 
 
 def read_metrics(run_dir):
