@@ -1,4 +1,5 @@
-"""What the scripts share: device, data, encoders, MI estimators, critics, runs, metrics.
+"""What the scripts share, by topic: command line and device, data (and image pairs), encoders,
+MI bounds and critics, multi-GPU, runs and checkpoints, metrics.
 
 Only infrastructure and pieces used by two or more scripts live here; each paper's own
 objective stays in its script. Nothing here imports a script.
@@ -25,11 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINT_VERSION = 1
-DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "stl10", "svhn",
-            "imagefolder"]
 
-
+# ----------------------------------------------------------------------------------------
+# Command line, device, seeding, optimiser
+# ----------------------------------------------------------------------------------------
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 2, no traceback."""
 
@@ -53,9 +53,6 @@ def run_cli(main):
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line, device, seeding
-# ----------------------------------------------------------------------------------------
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and exit status 2."""
 
@@ -165,8 +162,12 @@ def progress(iterable, disable=False, **kw):
 
 
 # ----------------------------------------------------------------------------------------
-# Data
+# Data: uint8 tensors on the device, batched without a DataLoader
 # ----------------------------------------------------------------------------------------
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "stl10", "svhn",
+            "imagefolder"]
+
+
 @dataclass
 class Data:
     """A labelled train/test pair held as uint8 tensors (on the device when it fits).
@@ -345,8 +346,145 @@ def load_data(name, root="./data", device=torch.device("cpu"), image_size=32,
     return data
 
 
+def instance_noise(images, sigma, generator=None):
+    """images + N(0, sigma^2) instance noise (Sonderby et al. 2016), the images themselves when
+    sigma is 0. With a `generator` the noise is drawn on the CPU from it (reproducible per
+    rank), else from the images' device's default generator."""
+    if sigma == 0:
+        return images
+    if generator is None:
+        return images + sigma * torch.randn_like(images)
+    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
+
+
 # ----------------------------------------------------------------------------------------
-# Encoders: each returns a dict of named taps
+# Pair data (shared_exclusive.py, and eval_probe.py on its encoders): colourful digits
+# ----------------------------------------------------------------------------------------
+# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
+# same construction on the bundled digits. X = white digit on a coloured background, Y = the
+# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
+PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
+PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
+PAIRINGS = ["same-image", "same-class"]
+PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
+PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
+# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
+# orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
+PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
+                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
+                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
+
+
+def same_class_partners(labels, generator):
+    """For every image, a different image of the same class (uniformly among them)."""
+    partner = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) < 2:
+            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
+        # a random cyclic shift of a random order: every image gets another image of its class
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
+        partner[order] = order.roll(shift)
+    return partner
+
+
+def colorize_pairs(gray, labels, pairing="same-image", generator=None):
+    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
+
+    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
+    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
+       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
+    Labels (N, 3): digit, background colour index, foreground colour index.
+    """
+    if pairing not in PAIRINGS:
+        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    n = len(gray)
+    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
+    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
+    g_y = g_x[partner]
+    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
+    fg_rgb = PALETTE[fg].float()[:, :, None, None]
+    x = g_x * 255.0 + (1 - g_x) * bg_rgb
+    y = g_y * fg_rgb + (1 - g_y) * 255.0
+    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
+    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
+
+
+@dataclass
+class PairData:
+    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
+    name: str
+    pairing: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    train_labels: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+                rank=0, world_size=1):
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device.
+        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
+        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
+                     (self.test_x, self.test_y, self.test_labels))
+        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+                                 world_size, x.device):
+            yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
+                   lab[idx])
+
+    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
+        return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
+                             drop_last, world_size)
+
+    def domain(self, which, label="digit"):
+        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
+        generic tools (extract_features, eval_probe) can use it."""
+        col = PAIR_LABELS.index(label)
+        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
+        n_classes = 10 if label == "digit" else len(PALETTE)
+        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes)
+
+
+def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
+                   seed=PAIR_DATA_SEED):
+    """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
+    the same (name, pairing, seed) always gives the same pairs."""
+    if name not in PAIR_SOURCES:
+        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
+    gray = load_data(PAIR_SOURCES[name], root, torch.device("cpu"))  # offline error comes from here
+    gen = torch.Generator().manual_seed(seed)
+    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
+    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl)
+    if device.type != "cpu":
+        data.to(device)
+    return data
+
+
+def load_pair_domain(name, domain, root="./data", device=torch.device("cpu"), label="digit",
+                     pairing="same-image", seed=PAIR_DATA_SEED):
+    """One domain of a pair dataset as a `Data` (for eval_probe on a shared_exclusive encoder,
+    whose checkpoint's `extra` names pair_domain, pairing, pair_seed)."""
+    if domain not in ("x", "y"):
+        raise UserError(f"pair domain must be 'x' or 'y', got {domain!r}")
+    return load_pair_data(name, root, device, pairing, seed).domain(domain, label)
+
+
+# ----------------------------------------------------------------------------------------
+# Encoders: each returns a dict of named taps; every one eval_probe.py may have to rebuild
 # ----------------------------------------------------------------------------------------
 def _conv_bn_relu(cin, cout, k, s, p):
     return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout),
@@ -359,7 +497,7 @@ def _fc_bn_relu(din, dout):
 
 
 class DCGANEncoder(nn.Module):
-    """DIM's 32x32 encoder (PAPERS.md §2): conv 64-128-256 (4x4/2) -> fc 1024 -> y 64.
+    """DIM's 32x32 encoder (arXiv:1808.06670, App. A.2): conv 64-128-256 (4x4/2) -> fc 1024 -> y 64.
 
     Taps: c1 (H/2), c2 (H/4, the local map for 32x32), conv (H/8, last conv), fc, y.
     Every map tap includes its BatchNorm and ReLU, as in the paper.
@@ -449,7 +587,139 @@ class ResNetEncoder(nn.Module):
         return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
 
 
-ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder}
+class InfoGANEncoder(nn.Module):
+    """InfoGAN's shared D/Q trunk plus Q's hidden layer (arXiv:1606.03657, App. C, MNIST architecture
+    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
+    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
+    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
+
+    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
+    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
+    eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
+    """
+    maps = ("c1", "conv")
+    default_local = "c1"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 4
+        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
+                                      nn.LeakyReLU(slope, inplace=True))
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        conv = self.c2(c1)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+
+
+class InfoAEEncoder(DCGANEncoder):
+    """InfoAE's encoder E (arXiv:1904.08613, §2): strided convs, no pooling, BatchNorm on every layer
+    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
+    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
+
+    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
+    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
+    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
+    """
+    maps = ("c1", "c2", "conv")
+    default_local = "c2"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
+        nn.Module.__init__(self)  # DCGANEncoder's layers differ; its forward (taps) is shared
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 8
+        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.out = nn.Linear(fc_dim, y_dim)
+
+
+class StandardizedDCGANEncoder(DCGANEncoder):
+    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
+    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
+    shared_exclusive.py's shared code S: an unbounded S lets the critics' first layers undo
+    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
+    constant part) instead of by removing what X and Y do not share."""
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__(in_channels, image_size, y_dim, fc_dim)
+        self.y_norm = self.norm(y_dim)
+
+    @staticmethod
+    def norm(dim):
+        return nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["y"] = self.y_norm(out["y"])
+        return out
+
+
+class Whitening(nn.Module):
+    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
+    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
+    direction of the output has unit variance, not only every coordinate (per-dimension
+    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
+    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
+    whitened code has by design (W-MSE's reason too).
+
+    Training: the batch's own mean and covariance, gradients flowing through both, so the
+    batch's output is exactly white whatever the code does; the batch must be larger than
+    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
+    """
+
+    def __init__(self, dim, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, y):
+        y = y.float()
+        if self.training:
+            if len(y) <= y.shape[1]:
+                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
+                                f"{y.shape[1]} samples, got {len(y)}")
+            mean = y.mean(0)
+            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
+            with torch.no_grad():
+                # a plain average over the first 1/momentum batches, then a moving one: the
+                # identity it starts from would linger as a floor under small directions
+                self.num_batches_tracked += 1
+                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_cov.lerp_(cov.detach(), m)
+        else:
+            mean, cov = self.running_mean, self.running_cov
+        # a tiny ridge, relative to the mean variance, for numerical safety only
+        eye = torch.eye(len(cov), device=cov.device)
+        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
+        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
+
+
+class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
+    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
+    shared_exclusive.py's `--shared-norm whiten`, so that S cannot hide what the L1 pull
+    should remove in directions of small variance."""
+
+    norm = Whitening
+
+
+ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder,
+            "infogan": InfoGANEncoder, "infoae": InfoAEEncoder,
+            "dcgan-std": StandardizedDCGANEncoder, "dcgan-white": WhitenedDCGANEncoder}
 
 
 def encoder_config(arch, image_shape, y_dim=64):
@@ -479,8 +749,96 @@ def tap_shapes(encoder, image_shape, device="cpu"):
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 
+def encoder_stages(encoder):
+    """The conv trunk of a built-in encoder as ordered (tap, module) pairs; the head that
+    follows the last one is flatten -> encoder.fc -> encoder.out (= y)."""
+    if isinstance(encoder, DCGANEncoder):
+        return [("c1", encoder.c1), ("c2", encoder.c2), ("conv", encoder.c3)]
+    if isinstance(encoder, ResNetEncoder):
+        return [("c1", nn.Sequential(encoder.stem, encoder.c1)), ("c2", encoder.c2),
+                ("conv", encoder.c3)]
+    if isinstance(encoder, AlexNetEncoder):
+        return [("c1", encoder.c1), ("c2", encoder.c2), ("c3", encoder.c3), ("conv", encoder.c4)]
+    raise UserError(f"{type(encoder).__name__} cannot be run from an intermediate map; "
+                    f"use --encoder dcgan, resnet or alexnet")
+
+
+def forward_from(encoder, tap, feature_map):
+    """y computed from `feature_map` standing in for the map at `tap` (the rest of the encoder)."""
+    stages = encoder_stages(encoder)
+    names = [name for name, _ in stages]
+    h = feature_map
+    for _, module in stages[names.index(tap) + 1:]:
+        h = module(h)
+    return encoder.out(encoder.fc(h.flatten(1)))
+
+
+def receptive_fields(encoder, tap, image_shape, chunk=64):
+    """(M*M, H, W) bool: which input pixels each location of the map at `tap` can see.
+
+    Exact for conv/pool/BN/ReLU/residual nets: in a copy with every weight 1, every bias 0,
+    identity BatchNorm and max-pooling swapped for average pooling (same window), an all-ones
+    input gives positive activations everywhere, so the gradient of location k is positive
+    exactly on k's receptive field."""
+    import copy
+    probe = copy.deepcopy(encoder).cpu().eval()
+    for parent in list(probe.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+            elif isinstance(child, (nn.Conv2d, nn.Linear)):
+                nn.init.ones_(child.weight)
+                if child.bias is not None:
+                    nn.init.zeros_(child.bias)
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                child.reset_parameters()  # weight 1, bias 0, running mean 0, var 1
+    n_loc = math.prod(tap_shapes(probe, image_shape)[tap][1:])
+    fields = []
+    for locs in torch.arange(n_loc).split(chunk):
+        x = torch.ones(len(locs), *image_shape, requires_grad=True)
+        local_map = probe(x)[tap].flatten(2)  # (B, C, M*M)
+        local_map[torch.arange(len(locs)), :, locs].sum().backward()
+        fields.append(x.grad.sum(1) > 0)
+    return torch.cat(fields)  # (M*M, H, W)
+
+
+@contextlib.contextmanager
+def keep_bn_stats(module):
+    """Forward passes inside use batch statistics but leave BatchNorm running statistics as
+    they were (momentum 0), for extra passes on inputs unlike the test data (occluded, masked)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, count) in zip(bns, saved):
+            m.momentum = mom
+            m.num_batches_tracked.copy_(count)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(encoder, data, device, batch_size=500):
+    """Reset the encoder's running BatchNorm statistics to those of the real training images.
+    GAN-style training normalises real and generated batches alike, so the running averages
+    it leaves mix both, while the encoder is evaluated (and probed by eval_probe.py) on real
+    images. Training is unaffected: it normalises with each batch's own statistics."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+        m.train()
+    for x, _ in data.batches("train", batch_size):
+        encoder(x.to(device))
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
 # ----------------------------------------------------------------------------------------
-# MI estimators. `scores` is (N, N) or (N, N, K): scores[n, m, k] = T(global n, local k of m).
+# MI bounds. `scores` is (N, N) or (N, N, K): scores[n, m, k] = T(global n, local k of m).
 # Positives are n == m. Each returns the bound (a scalar) to maximise.
 # ----------------------------------------------------------------------------------------
 def _as_3d(scores):
@@ -540,7 +898,7 @@ BOUNDS = {"jsd": jsd_bound, "infonce": infonce_bound, "dv": dv_bound}
 
 
 # ----------------------------------------------------------------------------------------
-# Critics
+# Critics, and prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
 # ----------------------------------------------------------------------------------------
 class DotCritic(nn.Module):
     """Encode-and-dot-product critic (DIM's main tables).
@@ -616,9 +974,6 @@ class GlobalCritic(nn.Module):
         return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
 
 
-# ----------------------------------------------------------------------------------------
-# Prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
-# ----------------------------------------------------------------------------------------
 class PriorDiscriminator(nn.Module):
     def __init__(self, dim, hidden=(1000, 200)):
         super().__init__()
@@ -722,6 +1077,9 @@ def wrap_ddp(module, device):
 # ----------------------------------------------------------------------------------------
 # Runs: folders, metrics, checkpoints
 # ----------------------------------------------------------------------------------------
+CHECKPOINT_VERSION = 1
+
+
 def _plain(v):
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
@@ -867,7 +1225,7 @@ def check_finite(loss, step, what="loss"):
 
 
 # ----------------------------------------------------------------------------------------
-# Features and metrics
+# Features, metrics, pictures
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="cpu", amp=False):
@@ -884,36 +1242,6 @@ def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="
         labels.append(y.cpu())
     encoder.train(was_training)
     return {t: torch.cat(v).numpy() for t, v in feats.items()}, torch.cat(labels).numpy()
-
-
-def instance_noise(images, sigma, generator=None):
-    """images + N(0, sigma^2) instance noise (Sonderby et al. 2016), the images themselves when
-    sigma is 0. With a `generator` the noise is drawn on the CPU from it (reproducible per
-    rank), else from the images' device's default generator."""
-    if sigma == 0:
-        return images
-    if generator is None:
-        return images + sigma * torch.randn_like(images)
-    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(encoder, data, device, batch_size=500):
-    """Reset the encoder's running BatchNorm statistics to those of the real training images.
-    GAN-style training normalises real and generated batches alike, so the running averages
-    it leaves mix both, while the encoder is evaluated (and probed by eval_probe.py) on real
-    images. Training is unaffected: it normalises with each batch's own statistics."""
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
-        m.train()
-    for x, _ in data.batches("train", batch_size):
-        encoder(x.to(device))
-    for m, (momentum, training) in zip(bns, saved):
-        m.momentum = momentum
-        m.train(training)
 
 
 def cluster_accuracy(pred, labels):
@@ -946,13 +1274,6 @@ def kmeans_accuracy(features, labels, n_classes, seed=0):
     pred = KMeans(n_clusters=n_classes, n_init=10, random_state=seed).fit_predict(
         StandardScaler().fit_transform(features))
     return float(cluster_accuracy(pred, labels))
-
-
-def quick_probe(encoder, data, device, tap="y"):
-    """Linear-probe accuracy on one tap: the end-of-training check every script prints."""
-    tr, ytr = extract_features(encoder, data, "train", (tap,), device=device)
-    te, yte = extract_features(encoder, data, "test", (tap,), device=device)
-    return linear_probe(tr[tap], ytr, te[tap], yte)
 
 
 def probe_against_random_init(encoder, encoder_cfg, data, device, seed=0, tap="y"):
@@ -988,393 +1309,3 @@ def save_image_grid(images, path, nrow):
     from torchvision.utils import save_image
     save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1),
                pad_value=1.0)
-
-
-# ----------------------------------------------------------------------------------------
-# Shared by the later scripts (each section added by the issue that needed it)
-# ----------------------------------------------------------------------------------------
-# [dim extensions section]
-def encoder_stages(encoder):
-    """The conv trunk of a built-in encoder as ordered (tap, module) pairs; the head that
-    follows the last one is flatten -> encoder.fc -> encoder.out (= y)."""
-    if isinstance(encoder, DCGANEncoder):
-        return [("c1", encoder.c1), ("c2", encoder.c2), ("conv", encoder.c3)]
-    if isinstance(encoder, ResNetEncoder):
-        return [("c1", nn.Sequential(encoder.stem, encoder.c1)), ("c2", encoder.c2),
-                ("conv", encoder.c3)]
-    if isinstance(encoder, AlexNetEncoder):
-        return [("c1", encoder.c1), ("c2", encoder.c2), ("c3", encoder.c3), ("conv", encoder.c4)]
-    raise UserError(f"{type(encoder).__name__} cannot be run from an intermediate map; "
-                    f"use --encoder dcgan, resnet or alexnet")
-
-
-def forward_from(encoder, tap, feature_map):
-    """y computed from `feature_map` standing in for the map at `tap` (the rest of the encoder)."""
-    stages = encoder_stages(encoder)
-    names = [name for name, _ in stages]
-    h = feature_map
-    for _, module in stages[names.index(tap) + 1:]:
-        h = module(h)
-    return encoder.out(encoder.fc(h.flatten(1)))
-
-
-def receptive_fields(encoder, tap, image_shape, chunk=64):
-    """(M*M, H, W) bool: which input pixels each location of the map at `tap` can see.
-
-    Exact for conv/pool/BN/ReLU/residual nets: in a copy with every weight 1, every bias 0,
-    identity BatchNorm and max-pooling swapped for average pooling (same window), an all-ones
-    input gives positive activations everywhere, so the gradient of location k is positive
-    exactly on k's receptive field."""
-    import copy
-    probe = copy.deepcopy(encoder).cpu().eval()
-    for parent in list(probe.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.MaxPool2d):
-                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
-            elif isinstance(child, (nn.Conv2d, nn.Linear)):
-                nn.init.ones_(child.weight)
-                if child.bias is not None:
-                    nn.init.zeros_(child.bias)
-            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
-                child.reset_parameters()  # weight 1, bias 0, running mean 0, var 1
-    n_loc = math.prod(tap_shapes(probe, image_shape)[tap][1:])
-    fields = []
-    for locs in torch.arange(n_loc).split(chunk):
-        x = torch.ones(len(locs), *image_shape, requires_grad=True)
-        local_map = probe(x)[tap].flatten(2)  # (B, C, M*M)
-        local_map[torch.arange(len(locs)), :, locs].sum().backward()
-        fields.append(x.grad.sum(1) > 0)
-    return torch.cat(fields)  # (M*M, H, W)
-
-
-@contextlib.contextmanager
-def keep_bn_stats(module):
-    """Forward passes inside use batch statistics but leave BatchNorm running statistics as
-    they were (momentum 0), for extra passes on inputs unlike the test data (occluded, masked)."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (mom, count) in zip(bns, saved):
-            m.momentum = mom
-            m.num_batches_tracked.copy_(count)
-
-
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. (2003), 5 scales
-
-
-def _gaussian_window(size, sigma, channels, device):
-    g = torch.exp(-((torch.arange(size, device=device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
-
-
-def _ssim_terms(x, y, window, data_range):
-    """Per-image mean luminance*contrast*structure (SSIM) and contrast*structure (cs)."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    blur = lambda t: F.conv2d(t, window, groups=t.shape[1])  # valid: no padding artefacts
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    cs = (2 * cov + c2) / (var_x + var_y + c2)
-    lum = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
-    return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
-
-
-def ms_ssim(x, y, data_range=2.0, window=7, sigma=1.5, max_scales=5):
-    """Multi-scale SSIM (Wang, Simoncelli, Bovik 2003) per image, (N,), 1 for identical images.
-
-    Images (N, C, H, W), in a range of width `data_range` (2 for [-1, 1]). Scales halve the
-    image by 2x2 average pooling; we use as many of the paper's 5 scales as keep the smallest
-    side >= the window (3 for 32x32 with the 7x7 window: 32, 16, 8) and renormalise the first
-    ones of the paper's weights to sum to 1. A 7x7 Gaussian window (sigma 1.5) replaces the
-    paper's 11x11, which would leave only 2 scales at 32x32. Negative cs/SSIM values are
-    clamped to 0 before the fractional powers."""
-    x, y = x.float(), y.float()
-    scales = 1
-    while scales < max_scales and min(x.shape[-2:]) // 2 ** scales >= window:
-        scales += 1
-    if min(x.shape[-2:]) < window:
-        raise ValueError(f"images of side {min(x.shape[-2:])} are smaller than the {window}x{window} window")
-    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
-    weights = weights / weights.sum()
-    win = _gaussian_window(window, sigma, x.shape[1], x.device)
-    result = torch.ones(x.shape[0], device=x.device)
-    for s in range(scales):
-        ssim, cs = _ssim_terms(x, y, win, data_range)
-        term = ssim if s == scales - 1 else cs
-        result = result * term.clamp(min=0) ** weights[s]
-        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    return result
-
-
-# [infogan section]
-class InfoGANEncoder(nn.Module):
-    """InfoGAN's shared D/Q trunk plus Q's hidden layer (PAPERS.md §3, MNIST architecture
-    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
-    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
-    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
-
-    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
-    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
-    eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
-    """
-    maps = ("c1", "conv")
-    default_local = "c1"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
-        super().__init__()
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 4
-        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
-                                      nn.LeakyReLU(slope, inplace=True))
-
-    def forward(self, x):
-        c1 = self.c1(x)
-        conv = self.c2(c1)
-        fc = self.fc(conv.flatten(1))
-        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
-
-
-ENCODERS["infogan"] = InfoGANEncoder
-
-
-# [infoae section]
-class InfoAEEncoder(DCGANEncoder):
-    """InfoAE's encoder E (PAPERS.md §4): strided convs, no pooling, BatchNorm on every layer
-    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
-    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
-
-    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
-    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
-    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
-    """
-    maps = ("c1", "c2", "conv")
-    default_local = "c2"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
-        nn.Module.__init__(self)  # DCGANEncoder's layers differ; its forward (taps) is shared
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 8
-        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.out = nn.Linear(fc_dim, y_dim)
-
-
-ENCODERS["infoae"] = InfoAEEncoder
-
-# [shared_exclusive section]
-# Image pairs for shared/exclusive representations (PAPERS.md §5): colourful-MNIST, and the
-# same construction on the bundled digits. X = white digit on a coloured background, Y = the
-# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
-PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
-PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
-PAIRINGS = ["same-image", "same-class"]
-PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
-PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
-# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0).
-PALETTE_NAMES = ["red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure",
-                 "blue", "violet", "magenta", "rose"]
-PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
-                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
-                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
-
-
-class StandardizedDCGANEncoder(DCGANEncoder):
-    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
-    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
-    shared_exclusive.py's shared code S: an unbounded S lets the critics' first layers undo
-    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
-    constant part) instead of by removing what X and Y do not share."""
-
-    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
-        super().__init__(in_channels, image_size, y_dim, fc_dim)
-        self.y_norm = self.norm(y_dim)
-
-    @staticmethod
-    def norm(dim):
-        return nn.BatchNorm1d(dim, affine=False)
-
-    def forward(self, x):
-        out = super().forward(x)
-        out["y"] = self.y_norm(out["y"])
-        return out
-
-
-ENCODERS["dcgan-std"] = StandardizedDCGANEncoder
-
-
-class Whitening(nn.Module):
-    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
-    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
-    direction of the output has unit variance, not only every coordinate (per-dimension
-    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
-    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
-    whitened code has by design (W-MSE's reason too).
-
-    Training: the batch's own mean and covariance, gradients flowing through both, so the
-    batch's output is exactly white whatever the code does; the batch must be larger than
-    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
-    """
-
-    def __init__(self, dim, momentum=0.1, eps=1e-6):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_cov", torch.eye(dim))
-        self.register_buffer("num_batches_tracked", torch.tensor(0))
-
-    def forward(self, y):
-        y = y.float()
-        if self.training:
-            if len(y) <= y.shape[1]:
-                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
-                                f"{y.shape[1]} samples, got {len(y)}")
-            mean = y.mean(0)
-            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
-            with torch.no_grad():
-                # a plain average over the first 1/momentum batches, then a moving one: the
-                # identity it starts from would linger as a floor under small directions
-                self.num_batches_tracked += 1
-                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_cov.lerp_(cov.detach(), m)
-        else:
-            mean, cov = self.running_mean, self.running_cov
-        # a tiny ridge, relative to the mean variance, for numerical safety only
-        eye = torch.eye(len(cov), device=cov.device)
-        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
-        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
-
-
-class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
-    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
-    shared_exclusive.py's `--shared-norm whiten`, so that S cannot hide what the L1 pull
-    should remove in directions of small variance."""
-
-    norm = Whitening
-
-
-ENCODERS["dcgan-white"] = WhitenedDCGANEncoder
-
-
-def same_class_partners(labels, generator):
-    """For every image, a different image of the same class (uniformly among them)."""
-    partner = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        if len(idx) < 2:
-            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
-        # a random cyclic shift of a random order: every image gets another image of its class
-        order = idx[torch.randperm(len(idx), generator=generator)]
-        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
-        partner[order] = order.roll(shift)
-    return partner
-
-
-def colorize_pairs(gray, labels, pairing="same-image", generator=None):
-    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
-
-    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
-    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
-       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
-    Labels (N, 3): digit, background colour index, foreground colour index.
-    """
-    if pairing not in PAIRINGS:
-        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
-    n = len(gray)
-    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
-    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
-    g_y = g_x[partner]
-    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
-    fg_rgb = PALETTE[fg].float()[:, :, None, None]
-    x = g_x * 255.0 + (1 - g_x) * bg_rgb
-    y = g_y * fg_rgb + (1 - g_y) * 255.0
-    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
-    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
-
-
-@dataclass
-class PairData:
-    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
-    name: str
-    pairing: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    train_labels: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    test_labels: torch.Tensor
-
-    @property
-    def image_shape(self):
-        return tuple(self.train_x.shape[1:])
-
-    def to(self, device):
-        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
-            setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
-                rank=0, world_size=1):
-        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device.
-        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
-        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
-                     (self.test_x, self.test_y, self.test_labels))
-        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
-                                 world_size, x.device):
-            yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
-                   lab[idx])
-
-    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
-        return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
-                             drop_last, world_size)
-
-    def domain(self, which, label="digit"):
-        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
-        generic tools (extract_features, eval_probe) can use it."""
-        col = PAIR_LABELS.index(label)
-        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
-        n_classes = 10 if label == "digit" else len(PALETTE)
-        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes)
-
-
-def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
-                   seed=PAIR_DATA_SEED):
-    """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
-    the same (name, pairing, seed) always gives the same pairs."""
-    if name not in PAIR_SOURCES:
-        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
-    gray = load_data(PAIR_SOURCES[name], root, torch.device("cpu"))  # offline error comes from here
-    gen = torch.Generator().manual_seed(seed)
-    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
-    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
-    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl)
-    if device.type != "cpu":
-        data.to(device)
-    return data
-
-
-def load_pair_domain(name, domain, root="./data", device=torch.device("cpu"), label="digit",
-                     pairing="same-image", seed=PAIR_DATA_SEED):
-    """One domain of a pair dataset as a `Data` (for eval_probe on a shared_exclusive encoder,
-    whose checkpoint's `extra` names pair_domain, pairing, pair_seed)."""
-    if domain not in ("x", "y"):
-        raise UserError(f"pair domain must be 'x' or 'y', got {domain!r}")
-    return load_pair_data(name, root, device, pairing, seed).domain(domain, label)

@@ -31,7 +31,7 @@ Table 4), each a flag, all on `--measure-tap` (default y) and stored under "meas
   split (otherwise it memorises small training sets and the test bound goes negative).
 - --msssim: a decoder (DCGAN generator shape) trained with mean squared error to reconstruct
   x from the frozen y on the training split; reported: mean MS-SSIM on the test split
-  (common.ms_ssim: 3 scales and a 7x7 window for 32x32 images, see its docstring).
+  (ms_ssim: 3 scales and a 7x7 window for 32x32 images, see its docstring).
 - --tsne: t-SNE of the test features (at most 5000) drawn as a PNG beside the checkpoint,
   one colour per label.
 Departures: the paper does not give the statistics networks' sizes, the step counts or the
@@ -247,6 +247,55 @@ class Decoder(nn.Module):
         return self.net(self.fc(y).view(len(y), 256, self.s, self.s))
 
 
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. (2003), 5 scales
+
+
+def _gaussian_window(size, sigma, channels, device):
+    g = torch.exp(-((torch.arange(size, device=device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def _ssim_terms(x, y, window, data_range):
+    """Per-image mean luminance*contrast*structure (SSIM) and contrast*structure (cs)."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    blur = lambda t: F.conv2d(t, window, groups=t.shape[1])  # valid: no padding artefacts
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    lum = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+    return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ms_ssim(x, y, data_range=2.0, window=7, sigma=1.5, max_scales=5):
+    """Multi-scale SSIM (Wang, Simoncelli, Bovik 2003) per image, (N,), 1 for identical images.
+
+    Images (N, C, H, W), in a range of width `data_range` (2 for [-1, 1]). Scales halve the
+    image by 2x2 average pooling; we use as many of the paper's 5 scales as keep the smallest
+    side >= the window (3 for 32x32 with the 7x7 window: 32, 16, 8) and renormalise the first
+    ones of the paper's weights to sum to 1. A 7x7 Gaussian window (sigma 1.5) replaces the
+    paper's 11x11, which would leave only 2 scales at 32x32. Negative cs/SSIM values are
+    clamped to 0 before the fractional powers."""
+    x, y = x.float(), y.float()
+    scales = 1
+    while scales < max_scales and min(x.shape[-2:]) // 2 ** scales >= window:
+        scales += 1
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"images of side {min(x.shape[-2:])} are smaller than the {window}x{window} window")
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
+    weights = weights / weights.sum()
+    win = _gaussian_window(window, sigma, x.shape[1], x.device)
+    result = torch.ones(x.shape[0], device=x.device)
+    for s in range(scales):
+        ssim, cs = _ssim_terms(x, y, win, data_range)
+        term = ssim if s == scales - 1 else cs
+        result = result * term.clamp(min=0) ** weights[s]
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return result
+
+
 def msssim_of_decoder(x_train, y_train, x_test, y_test, image_shape, epochs, prepare,
                       batch_size=64, lr=1e-3, seed=0):
     """Train a Decoder from y to x (MSE) on the training pairs; mean MS-SSIM on the test pairs."""
@@ -264,7 +313,7 @@ def msssim_of_decoder(x_train, y_train, x_test, y_test, image_shape, epochs, pre
             opt.step()
     decoder.eval()
     with torch.no_grad():
-        scores = [common.ms_ssim(decoder((yb - mean) / std), prepare(xb))
+        scores = [ms_ssim(decoder((yb - mean) / std), prepare(xb))
                   for xb, yb in zip(x_test.split(256), y_test.split(256))]
     return {"test": float(torch.cat(scores).mean()), "epochs": epochs}
 
