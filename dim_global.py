@@ -57,9 +57,11 @@ import torch.nn.functional as F
 import common
 from common import UserError
 
+SCRIPT = "dim_global"
+
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description="Deep InfoMax with the global objective, DIM(G)")
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4)
     p.add_argument("--loss", default="infonce", choices=sorted(common.BOUNDS),
                    help="MI estimator: jsd, infonce or dv (Table 1)")
@@ -71,8 +73,9 @@ def parse_args(argv=None):
                    help="weight of local MI (beta, Eq. 8)")
     p.add_argument("--gamma", type=common.nonneg_float, default=1.0,
                    help="weight of prior matching (gamma, Eq. 8)")
-    p.add_argument("--encoder", default="auto", choices=["auto", *common.ENCODERS],
-                   help="auto: dcgan for 32x32, alexnet for 64x64 (paper)")
+    p.add_argument("--encoder", default="auto", choices=["auto", "dcgan", "alexnet", "resnet"],
+                   help="auto: dcgan for 32x32, alexnet for 64x64 (paper, App. A.2); resnet as "
+                        "in the CPC comparison (Table 3)")
     p.add_argument("--local-layer", default=None,
                    help="encoder tap giving C(x) for the local objective (default: the "
                         "encoder's next-to-last conv map, as for CIFAR in the paper)")
@@ -216,8 +219,8 @@ def train(args):
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
 
     run_dir, start_epoch, step = common.resume_state(
-        args, "dim_global", {"encoder": encoder, **nets}, optimizers)
-    run = common.Run("dim_global", args, run_dir)
+        args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
+    run = common.Run(SCRIPT, args, run_dir)
     bound = common.BOUNDS[args.loss]
     # DDP / compiled views for training; the plain modules are what gets saved
     enc, global_critic, local_critic, prior = (
@@ -293,12 +296,12 @@ def train(args):
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix(loss=f"{loss.item():.3f}",
-                            mi=f"{logs.get('global_mi', logs.get('local_mi')).item():.3f}")
+                            **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs})
             if args.max_steps and step >= args.max_steps:
                 break
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
         run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        common.save_checkpoint(run.path("checkpoint.pt"), script="dim_global", encoder=encoder,
+        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=encoder,
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules=nets, optimizers=optimizers)
 
