@@ -130,3 +130,12 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert [os.path.basename(d) for d in dirs] == [
         "dim_local-digits-20260101-120000" + suffix for suffix in ("", "-2", "-3")]
     assert all(os.path.isfile(os.path.join(d, "args.json")) for d in dirs)
+
+
+def test_speed_benchmark_finds_the_scripts_from_its_folder():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join("benchmarks", "speed.py"), "--help"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--only" in p.stdout, p.stderr

@@ -1,8 +1,8 @@
 """Throughput benchmark: images/s, step time, FLOPs, fraction of matmul peak, peak memory.
 
-    python bench.py                                  # DIM(L)/DIM(G) breakdown + every script, CPU
-    python bench.py --device cuda --amp              # the same on a GPU, bf16
-    python bench.py --only dim --embed-dim 512       # trade critic width for speed
+    python benchmarks/speed.py                       # DIM(L)/DIM(G) breakdown + every script, CPU
+    python benchmarks/speed.py --device cuda --amp   # the same on a GPU, bf16
+    python benchmarks/speed.py --only dim --embed-dim 512   # trade critic width for speed
 
 For DIM the step is split into encoder (forward+backward), critics (forward+backward from
 detached features) and the bound itself (from a detached score tensor), each timed on its own
@@ -11,19 +11,22 @@ to end: the step time is read from time stamps of the optimiser steps of one run
 final evaluation excluded), and the FLOPs of a step are the difference between a one-step and
 a two-step run under the FLOP counter (which is too slow to be timed itself). The matmul
 peak is measured on this machine first (a large fp32 or bf16 matmul), and each step's
-achieved FLOP/s is quoted as a fraction of it.
+achieved FLOP/s is quoted as a fraction of it. Measured tables: docs/speed.md.
 """
 import argparse
 import contextlib
 import io
 import math
+import os
 import resource
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts
+import common  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -148,8 +151,7 @@ def bench_script(name, args, device, peak, extra=(), label="step"):
     time is read between the first and the last training step of a run, free of set-up and
     final evaluation. FLOPs come from two shorter runs under FlopCounterMode (the difference
     divided by the difference in steps); the timed run is not one of them, because the
-    counter intercepts every operator and made a step of many small ones (InfoGAN's) about
-    1.5x slower."""
+    counter intercepts every operator and slows a step of many small ones (InfoGAN's)."""
     import importlib
     import tempfile
     from torch.optim.optimizer import register_optimizer_step_post_hook
