@@ -34,19 +34,23 @@ def read_metrics(run_dir):
     (dim_local, ["--critic", "concat", "--loss", "dv", "--alpha", "0.5"]),
     (dim_global, ["--loss", "infonce"]),
 ])
-def test_one_epoch_writes_a_checkpoint_that_eval_probe_reads(tmp_path, script, extra):
+def test_smoke_three_steps_write_a_checkpoint_that_eval_probe_rebuilds(tmp_path, script, extra):
+    # a smoke test: three steps teach an encoder nothing measurable on digits (an untrained
+    # one already probes at 0.94); test_training_raises_the_local_bound checks learning. What
+    # it checks: the checkpoint format, and that eval_probe's rebuilt encoder is the trained
+    # one, since its linear probe on y must equal the script's own to the last digit
     run = script.train(script.parse_args([*FAST, "--out-dir", str(tmp_path), *extra]))
     ckpt = torch.load(run.path("checkpoint.pt"), weights_only=True)  # plain types only
     assert ckpt["step"] == 3 and ckpt["script"] == script.__name__
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["encoder"])
     metrics = read_metrics(run.dir)
     assert metrics[0]["step"] == 3 and np.isfinite(metrics[0]["loss"])
-    assert 0.5 < metrics[-1]["linear_y"] <= 1.0 and 0.5 < metrics[-1]["linear_y_random_init"] <= 1.0
     result = eval_probe.main([run.path("checkpoint.pt"), "--probes", "linear,knn,kmeans",
                               "--device", "cpu"])
     taps = [r["tap"] for r in result["results"]]
     assert taps == ["conv", "fc", "y"]
-    assert all(0.5 < r["linear"] <= 1.0 for r in result["results"])
+    assert result["results"][2]["linear"] == pytest.approx(metrics[-1]["linear_y"], abs=1e-9)
+    assert metrics[-1]["linear_y"] != metrics[-1]["linear_y_random_init"]  # two encoders
     assert os.path.exists(os.path.join(run.dir, "eval.json"))
 
 

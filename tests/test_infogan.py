@@ -102,7 +102,7 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     lines = [json.loads(l) for l in open(run.path("metrics.jsonl"))]
     assert [l["step"] for l in lines if "epoch" in l] == [30, 60]
     final = lines[-1]
-    assert 0.0 <= final["cluster_acc"] <= 1.0 and len(final["cluster_acc_per_code"]) == 1
+    assert len(final["cluster_acc_per_code"]) == 1
 
     # the checkpoint alone rebuilds the encoder (as eval_probe.py does) with the promised taps
     ckpt = common.load_checkpoint(ckpt_path)
@@ -125,6 +125,11 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     with torch.no_grad():
         logits, mu, _ = q_head(encoder(gen(codes.gen_input(z, cat, cont)))["y"])
     cat_acc = (logits.argmax(-1) == cat).float().mean().item()
+    # 60 steps do not cluster real digits better than an untrained Q does (0.25-0.29 for
+    # seeds 0-3), so the clustering accuracy is checked for what it measures: argmax Q of
+    # the saved trunk and head on the test images, as logged
+    accs = infogan.cluster_accuracies(encoder, q_head, common.load_data("digits"), "cpu")
+    assert accs == pytest.approx(final["cluster_acc_per_code"], abs=1e-12)
     corr = [torch.corrcoef(torch.stack([mu[:, j], cont[:, j]]))[0, 1].item() for j in range(2)]
     print("Q recovers: categorical accuracy", cat_acc, "continuous correlations", corr)
     assert cat_acc > 0.5, cat_acc  # chance is 0.1
