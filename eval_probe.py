@@ -17,11 +17,12 @@ Results are printed as a table and written to eval.json beside the checkpoint
 
 Deep InfoMax's other measures of a representation (Hjelm et al., ICLR 2019, arXiv:1808.06670,
 Table 4), each a flag, all on `--measure-tap` (default y) and stored under "measures":
-- --mine: MINE (Belghazi et al. 2018) estimate of I(X; y). A statistics network T(x, y)
-  (MLP on the flattened image concatenated with y, two 512-unit ReLU layers) is trained on the
-  training split to maximise the Donsker-Varadhan bound E_joint[T] - log E_marginal[e^T], with
-  MINE's moving average of E_marginal[e^T] in the gradient's denominator and a cosine-decaying
-  learning rate (the paper used a decaying schedule). Marginal pairs are (x_n, y_m), m != n.
+- --mine: MINE (Belghazi et al., ICML 2018, arXiv:1801.04062) estimate of I(X; y). A
+  statistics network T(x, y) (MLP on the flattened image concatenated with y, two 512-unit
+  ReLU layers) is trained on the training split to maximise the Donsker-Varadhan bound
+  E_joint[T] - log E_marginal[e^T], with MINE's moving average of E_marginal[e^T] in the
+  gradient's denominator and a cosine-decaying learning rate (the paper used a decaying
+  schedule). Marginal pairs are (x_n, y_m), m != n.
   Reported: the bound on the test split (and the training split), with the number of steps.
 - --ndm: neural dependency measure. A discriminator learns to tell y from y with every
   dimension shuffled independently across the batch (the product of its marginals), with the
