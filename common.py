@@ -11,12 +11,14 @@ Conventions
 - Every MI bound is returned as a value to *maximise*; a loss is its negative.
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -69,23 +71,69 @@ def positive_int(s):
 
 def nonneg_float(s):
     v = float(s)
-    if not v >= 0:  # also rejects nan
+    if not 0 <= v < math.inf:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s}")
     return v
 
 
-def add_common_args(parser, epochs, batch_size, lr):
+def positive_float(s):
+    v = float(s)
+    if not 0 < v < math.inf:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def probability(s):
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s}")
+    return v
+
+
+def adam_beta(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected an Adam beta in [0, 1), got {s}")
+    return v
+
+
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return v
+
+
+def batch_size_int(s):
+    v = int(s)
+    if v < 2:  # BatchNorm needs two samples to normalise by
+        raise argparse.ArgumentTypeError(f"expected a batch of at least 2 images, got {s}")
+    return v
+
+
+def check_batch(batch_size, world, n_train):
+    """The per-process share of --batch-size must be a BatchNorm batch, and fit the data."""
+    if batch_size % world or batch_size // world < 2:
+        raise UserError(f"--batch-size {batch_size} must split into equal parts of at least 2 "
+                        f"over the {world} processes")
+    if batch_size // world > n_train // world:
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training images; "
+                        "lower it")
+
+
+def add_common_args(parser, epochs, batch_size, lr, eval_every=1):
     """Flags every training script has, spelled the same everywhere."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="dataset; 'digits' is scikit-learn's bundled 8x8 digits at 32x32 (offline)")
     g.add_argument("--data-root", default="./data", help="where torchvision datasets live")
     g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="batch size (N)")
-    g.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    g.add_argument("--batch-size", type=batch_size_int, default=batch_size,
+                   help="batch size (N)")
+    g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimisation steps in total (smoke tests)")
-    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA or CPU)")
@@ -94,6 +142,9 @@ def add_common_args(parser, epochs, batch_size, lr):
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue the run whose checkpoint.pt is at PATH")
     g.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    g.add_argument("--eval-every", type=nonneg_int, default=eval_every, metavar="K",
+                   help="run the test-split monitor every K epochs and after the last (0: never; "
+                        "default %(default)s, about 5%% of a run or less)")
     return parser
 
 
@@ -1120,11 +1171,17 @@ class Run:
                 except FileExistsError:
                     i += 1
                     self.dir = f"{base}-{i}"
+            atexit.register(self.remove_if_unfinished)
         atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(plain_args(args), indent=2))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
 
     def path(self, name):
         return os.path.join(self.dir, name)
+
+    def remove_if_unfinished(self):
+        """At exit: a new run that failed before its first checkpoint leaves no folder."""
+        if not os.path.exists(self.path("checkpoint.pt")):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def log(self, **metrics):
         if not self.main:
@@ -1141,7 +1198,7 @@ def atomic_write_text(path, text):
 
 
 def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, step,
-                    modules=None, optimizers=None, extra=None):
+                    modules=None, optimizers=None, extra=None, generators=None, elapsed=0.0):
     """Write a checkpoint that loads with weights_only=True (plain types only), atomically.
 
     `encoder` must be the plain module (not the torch.compile or DDP wrapper), so keys carry
@@ -1163,6 +1220,8 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
         "modules": {k: m.state_dict() for k, m in (modules or {}).items()},
         "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
         "extra": _plain(extra or {}),
+        "rng": rng_state(generators),  # so that --resume continues the same random draws
+        "time": float(elapsed),
     }
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     os.close(fd)
@@ -1200,10 +1259,11 @@ def encoder_from_checkpoint(ckpt):
     return encoder
 
 
-def resume_state(args, script, modules, optimizers):
-    """If --resume is set: load every module and optimizer, return (run_dir, epoch, step)."""
+def resume_state(args, script, modules, optimizers, generators=None):
+    """If --resume is set: load every module and optimizer and the random streams, return
+    (run_dir, epoch, step, seconds trained so far)."""
     if not args.resume:
-        return None, 0, 0
+        return None, 0, 0, 0.0
     ckpt = load_checkpoint(args.resume)
     if ckpt["script"] != script:
         raise UserError(f"{args.resume} was written by {ckpt['script']}, not {script}")
@@ -1215,7 +1275,62 @@ def resume_state(args, script, modules, optimizers):
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"{args.resume} does not match these flags ({str(e).splitlines()[0][:120]}); "
                         "resume with the flags of the original run") from None
-    return os.path.dirname(os.path.abspath(args.resume)), ckpt["epoch"], ckpt["step"]
+    if "rng" in ckpt and _dist() is None:  # under torchrun each rank keeps its own streams
+        set_rng_state(ckpt["rng"], generators)
+    return (os.path.dirname(os.path.abspath(args.resume)), ckpt["epoch"], ckpt["step"],
+            ckpt.get("time", 0.0))
+
+
+# Flags a resumed run may change: how long, where and how loudly it runs, how often it is
+# watched. Everything else would make the continuation another run.
+RESUME_SAFE = ("epochs", "max_steps", "no_progress", "device", "eval_every", "data_root", "resume")
+_UNSET = object()
+
+
+def merge_resume_args(parser, argv, args, safe=RESUME_SAFE):
+    """With --resume: the checkpoint's args, with the `safe` flags given on the command line
+    on top; any other flag given with another value is a UserError naming it."""
+    if not args.resume:
+        return args
+    dests = [a.dest for a in parser._actions if a.dest != argparse.SUPPRESS]
+    # parsed again onto a namespace that already holds every dest: argparse then fills in no
+    # default, so what is not _UNSET afterwards was typed on the command line
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+    given = {k: v for k, v in vars(given).items() if v is not _UNSET}
+    saved = load_checkpoint(args.resume)["args"]
+    for key, value in saved.items():
+        if key in given and key not in safe and _plain(given[key]) != value:
+            flag = max(next(a for a in parser._actions if a.dest == key).option_strings, key=len)
+            raise UserError(f"{flag} {given[key]} differs from the resumed run's {value}; "
+                            f"a resumed run may change only "
+                            f"{', '.join('--' + k.replace('_', '-') for k in safe if k != 'resume')}")
+        if key not in given or key not in safe:
+            setattr(args, key, value)
+    return args
+
+
+def rng_state(generators=None):
+    """Every random stream a run draws from, as tensors and lists (weights_only loads them)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
+
+
+def set_rng_state(state, generators=None):
+    """Put back what rng_state saved, so a resumed run draws what the uninterrupted one would."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for k, g in (generators or {}).items():
+        g.set_state(state["generators"][k])
 
 
 def check_finite(loss, step, what="loss"):
@@ -1309,3 +1424,71 @@ def save_image_grid(images, path, nrow):
     from torchvision.utils import save_image
     save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1),
                pad_value=1.0)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k):
+    """k-NN test accuracy (cosine distance, brute force; eval_probe's probe and the monitor)."""
+    from sklearn.neighbors import KNeighborsClassifier
+    keep = train_y >= 0
+    clf = KNeighborsClassifier(n_neighbors=min(k, int(keep.sum())), metric="cosine", algorithm="brute")
+    return float(clf.fit(train_x[keep], train_y[keep]).score(test_x, test_y))
+
+
+@torch.no_grad()
+def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500):
+    """k-NN accuracy of the test split on `tap`, neighbours from the train split: the
+    per-epoch monitor. The encoder runs in eval() (BatchNorm statistics stay put) and both
+    splits are read without augmentation, so nothing random is drawn and training continues
+    exactly as it would have without it."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = {}
+    for split in ("train", "test"):
+        x, y = data.split(split)
+        out = [encoder(data.preprocess(x[i:i + batch_size], train=False).to(device))[tap]
+               .flatten(1).float().cpu() for i in range(0, len(x), batch_size)]
+        feats[split] = (torch.cat(out).numpy(), y.cpu().numpy())
+    encoder.train(was_training)
+    return knn_accuracy(*feats["train"], *feats["test"], k)
+
+
+def eval_due(every, epoch, last):
+    """Whether the monitor runs after (0-based) `epoch`: every `every` epochs and after the
+    last; never with every = 0."""
+    return bool(every) and ((epoch + 1) % every == 0 or last)
+
+
+def plot_curves(metrics_path, png_path, monitor_keys, baselines=None):
+    """curves.png: the per-epoch loss terms, MI estimates and monitor against steps (the
+    untrained encoder's monitor dashed), written atomically (a viewer never sees half a file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [r for r in map(json.loads, f) if "epoch" in r]
+    skip = {"epoch", "step", "time", "stage"}
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k not in skip and all(isinstance(r.get(k, 0.0), (int, float)) for r in rows)]
+    panels = {"monitor (test split)": [k for k in keys if k in monitor_keys],
+              "MI estimates": [k for k in keys if k not in monitor_keys and "mi" in k.split("_")],
+              "loss terms": [k for k in keys if k not in monitor_keys and "mi" not in k.split("_")]}
+    panels = {t: ks for t, ks in panels.items() if ks}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels.items()):
+        for k in ks:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            line, = ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k)
+            if (baselines or {}).get(k) is not None:
+                ax.axhline(baselines[k], ls="--", color=line.get_color(), label=f"{k}, untrained")
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(png_path) or ".", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -85,25 +85,21 @@ def parse_args(argv=None):
     p.add_argument("--occlude", action="store_true",
                    help="compute y from randomly occluded inputs, local features from the full "
                         "input (Table 5; two encoder passes per step)")
-    p.add_argument("--occlude-p", type=common.nonneg_float, default=0.5,
+    p.add_argument("--occlude-p", type=common.probability, default=0.5,
                    help="probability that each block of the input is occluded")
     p.add_argument("--coord", default="none", choices=["none", "absolute", "relative", "both"],
                    help="coordinate prediction from (y, local features) (Table 5, App. A.7)")
     p.add_argument("--coord-weight", type=common.nonneg_float, default=1.0,
                    help="weight of the coordinate cross-entropies in the loss")
-    p.add_argument("--multi-global", type=int, default=0, metavar="K",
+    p.add_argument("--multi-global", type=common.nonneg_int, default=0, metavar="K",
                    help="K less-global features from random blocks of the local map (Table 3)")
-    args = p.parse_args(argv)
+    args = common.merge_resume_args(p, argv, p.parse_args(argv))
     if args.epochs is None:
         args.epochs = {"digits": 6, "cifar10": 1000, "cifar100": 1000}.get(args.dataset, 200)
     if args.alpha == args.beta == 0:
         p.error("--alpha and --beta are both 0: nothing would maximise MI")
-    if args.multi_global < 0:
-        p.error("--multi-global must be >= 0")
     if args.multi_global and args.beta == 0:
         p.error("--multi-global scores features with the local critic: it needs --beta > 0")
-    if args.occlude_p > 1:
-        p.error("--occlude-p is a probability: give a value in [0, 1]")
     return args
 
 
@@ -188,10 +184,9 @@ def build_critics(args, encoder, shapes, local_layer):
 
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
+    common.check_batch(args.batch_size, world, len(data.train_x))
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)
     encoder = common.build_encoder(enc_cfg).to(device)
     shapes = common.tap_shapes(encoder, data.image_shape, device)
@@ -217,8 +212,10 @@ def train(args):
     optimizers = {"opt": common.adam(list(encoder.parameters()) + mi_params, lr=args.lr)}
     if prior_disc is not None:
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
+    # the monitor's baseline: the untrained encoder (the one every run starts from)
+    knn_y_random_init = common.knn_monitor(encoder, data, device) if args.eval_every and rank == 0 else None
 
-    run_dir, start_epoch, step = common.resume_state(
+    run_dir, start_epoch, step, elapsed = common.resume_state(
         args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
     bound = common.BOUNDS[args.loss]
@@ -234,8 +231,8 @@ def train(args):
               f"{len(data.train_x)} train / {len(data.test_x)} test  local map: {local_layer} "
               f"{tuple(shapes[local_layer])}  processes: {world}")
 
-    t0 = time.time()
-    stats = {}
+    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
+    stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps and step >= args.max_steps:
             break
@@ -296,19 +293,29 @@ def train(args):
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix(loss=f"{loss.item():.3f}",
-                            **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs})
+                            **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs}, **shown)
             if args.max_steps and step >= args.max_steps:
                 break
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
+        if rank == 0 and common.eval_due(args.eval_every, epoch, last):
+            stats["knn_y"] = common.knn_monitor(encoder, data, device)
+            shown["knn_y"] = f"{stats['knn_y']:.3f}"
         run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+        if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
+            common.plot_curves(run.metrics_path, run.path("curves.png"), ["knn_y"],
+                              {"knn_y": knn_y_random_init})
         common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=encoder,
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
-                               step=step, modules=nets, optimizers=optimizers)
+                               step=step, modules=nets, optimizers=optimizers,
+                               elapsed=time.time() - t0)
 
     common.finish_distributed()  # the rest is rank 0's alone
     if rank > 0:
         return run
     probes = common.probe_against_random_init(encoder, enc_cfg, data, device, args.seed)
+    if "knn_y" in stats:
+        probes.update(knn_y=stats["knn_y"], knn_y_random_init=knn_y_random_init)
     run.log(step=step, **probes)
     common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
                          **{k: v for k, v in stats.items() if k != "prior_disc"}, **probes}],

@@ -70,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--knn-k", type=common.positive_int, default=20, help="neighbours for k-NN")
     p.add_argument("--mlp-epochs", type=common.positive_int, default=50, help="MLP probe epochs")
     p.add_argument("--mlp-hidden", type=common.positive_int, default=200, help="MLP hidden units")
-    p.add_argument("--dropout", type=float, default=0.5, help="MLP probe dropout")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=common.probability, default=0.5, help="MLP probe dropout")
+    p.add_argument("--seed", type=common.nonneg_int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--out", default=None, help="where to write the JSON (default beside the checkpoint)")
     p.add_argument("--measure-tap", default="y", help="tap measured by --mine/--ndm/--msssim/--tsne")
@@ -113,13 +113,6 @@ def mlp_probe(train_x, train_y, test_x, test_y, n_classes, hidden, dropout, epoc
     with torch.no_grad():
         pred = torch.cat([net(b).argmax(1) for b in vx.split(1024)]).cpu().numpy()
     return float((pred == test_y).mean())
-
-
-def knn_accuracy(train_x, train_y, test_x, test_y, k):
-    from sklearn.neighbors import KNeighborsClassifier
-    keep = train_y >= 0
-    clf = KNeighborsClassifier(n_neighbors=min(k, int(keep.sum())), metric="cosine", algorithm="brute")
-    return float(clf.fit(train_x[keep], train_y[keep]).score(test_x, test_y))
 
 
 def shuffled_pairs(n, generator=None, device="cpu"):
@@ -427,7 +420,7 @@ def evaluate(args):
             row["mlp"] = mlp_probe(tx, train_y, vx, test_y, data.n_classes, args.mlp_hidden,
                                    args.dropout, args.mlp_epochs, device, args.seed)
         if "knn" in args.probes:
-            row["knn"] = knn_accuracy(tx, train_y, vx, test_y, args.knn_k)
+            row["knn"] = common.knn_accuracy(tx, train_y, vx, test_y, args.knn_k)
         if "kmeans" in args.probes:
             row["kmeans"] = common.kmeans_accuracy(vx, test_y, data.n_classes, args.seed)
         rows.append(row)

@@ -51,6 +51,7 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   C are one DDP module (MinPlayers), the critics another (Critics).
 """
 import contextlib
+import copy
 import time
 
 import numpy as np
@@ -59,7 +60,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import UserError
 
 SCRIPT = "infoae"
 
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="weight of the encoder's self-critic loss (gamma, Eq. 1)")
     p.add_argument("--categories", type=common.positive_int, default=10,
                    help="size of the categorical code c ~ Cat(K) (paper: 10)")
-    p.add_argument("--z-scale", type=float, default=0.5,
+    p.add_argument("--z-scale", type=common.positive_float, default=0.5,
                    help="z ~ Uniform(-s, s)^z_dim (the paper's range is lost); below 1 so that c, "
                         "not z, dominates l_g = G(z,c) early in training")
     p.add_argument("--z-dim", type=common.positive_int, default=100,
@@ -112,8 +112,8 @@ def parse_args(argv=None):
                         "on digits, 64 elsewhere")
     p.add_argument("--hidden", type=common.positive_int, default=None,
                    help="hidden units of G, C, SC and LC; default 256 on digits, 512 elsewhere")
-    p.add_argument("--adam-beta1", type=float, default=0.5, help="Adam beta1 for every network")
-    args = p.parse_args(argv)
+    p.add_argument("--adam-beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    args = common.merge_resume_args(p, argv, p.parse_args(argv))
     digits = args.dataset == "digits"
     for name, on_digits, elsewhere in (("epochs", 60, 50), ("width", 16, 64), ("hidden", 256, 512),
                                        ("beta", 2.0, 1.0), ("latent_adv", 1.0, 0.0),
@@ -123,8 +123,6 @@ def parse_args(argv=None):
             setattr(args, name, on_digits if digits else elsewhere)
     if args.categories < 2:
         p.error("--categories must be at least 2")
-    if not args.z_scale > 0:
-        p.error("--z-scale must be positive")
     return args
 
 
@@ -471,10 +469,9 @@ def save_pictures(run, nets, data, args, device, n_cols=10):
 # ----------------------------------------------------------------------------------------
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
+    common.check_batch(args.batch_size, world, len(data.train_x))
     enc_cfg, nets = build_networks(args, data.image_shape)
     for m in nets.values():
         m.to(device)
@@ -482,8 +479,13 @@ def train(args):
                                      lr=args.lr, betas=(args.adam_beta1, 0.999))
     optimizers = {"opt": adam(MIN_PLAYERS), "dis_opt": adam(["discriminator"]),
                   "sc_opt": adam(["self_critic"]), "lat_opt": adam(["latent_critic"])}
+    acc_random_init = None  # the monitor's baseline: the untrained networks
+    if args.eval_every and rank == 0:
+        with torch.random.fork_rng(devices=[]):  # recalibrating draws STL-10's crops
+            untrained = {**nets, "encoder": copy.deepcopy(nets["encoder"])}
+            acc_random_init = cluster_test_accuracy(untrained, data, device)[0]
 
-    run_dir, start_epoch, step = common.resume_state(args, SCRIPT, nets, optimizers)
+    run_dir, start_epoch, step, elapsed = common.resume_state(args, SCRIPT, nets, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
     # compiled views for speed, grouped by backward pass and DDP-wrapped under torchrun; the
     # plain modules are what gets saved, evaluated and frozen
@@ -499,8 +501,8 @@ def train(args):
               f"alpha={args.alpha} beta={args.beta} gamma={args.gamma} "
               f"latent_adv={args.latent_adv}/{args.latent_adv_gen} cluster_mi={args.cluster_mi}")
 
-    t0 = time.time()
-    stats, acc = {}, float("nan")
+    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
+    stats, acc, shown = {}, float("nan"), {}  # shown: the latest monitor, in the progress bar
     total_steps = args.epochs * data.n_batches("train", args.batch_size // world, drop_last=True,
                                                world_size=world)
     if args.max_steps:
@@ -547,14 +549,23 @@ def train(args):
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix(rec=f"{terms['rec'].item():.3f}", dis=f"{critics['dis'].item():.2f}",
-                            cls=f"{terms['cls_enc'].item():.2f}")
+                            cls=f"{terms['cls_enc'].item():.2f}", **shown)
             if args.max_steps and step >= args.max_steps:
                 break
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}  # rank 0's shard
         if rank > 0:  # evaluation, logs and checkpoints are rank 0's
             continue
-        acc, _, _ = cluster_test_accuracy(nets, data, device)
-        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, cluster_acc=acc, **stats)
+        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
+        if common.eval_due(args.eval_every, epoch, last):  # the monitor: cluster accuracy
+            acc, _, _ = cluster_test_accuracy(nets, data, device)
+            stats["cluster_acc"] = acc
+            shown["acc"] = f"{acc:.3f}"
+        else:  # the encoder is saved recalibrated, watched or not
+            common.recalibrate_batchnorm(nets["encoder"], data, device)
+        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+        if common.eval_due(args.eval_every, epoch, last) or last:
+            common.plot_curves(run.metrics_path, run.path("curves.png"), ["cluster_acc"],
+                               {"cluster_acc": acc_random_init})
         if args.no_progress:
             print(f"epoch {epoch + 1}/{args.epochs}  step {step}  rec {stats['rec']:.4f}  "
                   f"dis {stats['dis']:.3f}  cls_enc {stats['cls_enc']:.3f}  lat {stats['lat']:.3f} "
@@ -563,18 +574,20 @@ def train(args):
         common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=nets["encoder"],
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules={k: m for k, m in nets.items() if k != "encoder"},
-                               optimizers=optimizers, extra={"cluster_acc": acc})
+                               optimizers=optimizers, extra={"cluster_acc": acc},
+                               elapsed=time.time() - t0)
 
     common.finish_distributed()  # the rest is rank 0's alone
     if rank > 0:
         return run
     acc, pred, labels = cluster_test_accuracy(nets, data, device)
     save_pictures(run, nets, data, args, device)
-    run.log(step=step, test_cluster_acc=acc, cluster_sizes=np.bincount(pred, minlength=args.categories).tolist())
+    run.log(step=step, test_cluster_acc=acc, cluster_acc_random_init=acc_random_init,
+            cluster_sizes=np.bincount(pred, minlength=args.categories).tolist())
     common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
                          **{k: stats[k] for k in ("rec", "dis", "sc", "lat", "cls_gen", "cls_enc")
                             if k in stats},
-                         "test cluster acc": acc}],
+                         "test cluster acc": acc, "untrained": acc_random_init}],
                        title=f"\nInfoAE (alpha={args.alpha}, beta={args.beta}, gamma={args.gamma}, "
                              f"latent_adv={args.latent_adv}/{args.latent_adv_gen}, "
                              f"instance_noise={args.instance_noise}, cluster_mi={args.cluster_mi}) "

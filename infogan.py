@@ -44,6 +44,7 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
 - Under torchrun --batch-size is the global batch; each process draws its own noise and
   codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
+import copy
 import time
 
 import numpy as np
@@ -58,13 +59,13 @@ from common import UserError
 def parse_args(argv=None):
     p = common.ArgumentParser(description="InfoGAN with categorical and continuous codes")
     common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
-    p.add_argument("--lr-g", type=float, default=1e-3, help="Adam learning rate of G and Q "
+    p.add_argument("--lr-g", type=common.positive_float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 for every network")
-    p.add_argument("--noise-dim", type=int, default=62, help="size of the incompressible noise z")
-    p.add_argument("--n-cat", type=int, default=1, help="number of categorical codes c_cat")
-    p.add_argument("--cat-dim", type=int, default=10, help="categories per categorical code (K)")
-    p.add_argument("--n-cont", type=int, default=2,
+    p.add_argument("--beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--noise-dim", type=common.nonneg_int, default=62, help="size of the incompressible noise z")
+    p.add_argument("--n-cat", type=common.nonneg_int, default=1, help="number of categorical codes c_cat")
+    p.add_argument("--cat-dim", type=common.positive_int, default=10, help="categories per categorical code (K)")
+    p.add_argument("--n-cont", type=common.nonneg_int, default=2,
                    help="number of continuous codes c_cont ~ Uniform(-1, 1)")
     p.add_argument("--lambda-cat", type=common.nonneg_float, default=None,
                    help="weight of the categorical codes' information term (lambda); default 1 "
@@ -90,7 +91,7 @@ def parse_args(argv=None):
                    help="columns per continuous code in the traversal grid (-2 .. 2)")
     p.add_argument("--image-every", type=common.positive_int, default=10,
                    help="write the PNG grids every this many epochs (and after the last)")
-    args = p.parse_args(argv)
+    args = common.merge_resume_args(p, argv, p.parse_args(argv))
     if args.epochs is None:
         args.epochs = {"digits": 100}.get(args.dataset, 50)
     # the paper's settings, except on the small digits set (see the module docstring)
@@ -99,8 +100,6 @@ def parse_args(argv=None):
                                    ("lambda_cat", 1.0, 3.0), ("instance_noise", 0.0, 1.0)):
         if getattr(args, name) is None:
             setattr(args, name, on_digits if digits else paper)
-    if args.noise_dim < 0 or args.n_cat < 0 or args.n_cont < 0:
-        p.error("--noise-dim, --n-cat and --n-cont must be >= 0")
     if args.n_cat and args.cat_dim < 2:
         p.error("--cat-dim must be at least 2")
     if args.n_cat + args.n_cont == 0:
@@ -263,10 +262,9 @@ def dcgan_init(module):
 # ----------------------------------------------------------------------------------------
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
+    common.check_batch(args.batch_size, world, len(data.train_x))
     c, h, w = data.image_shape
     if h != w or h % 4:
         raise UserError(f"InfoGAN expects square images with a side divisible by 4, got {h}x{w}")
@@ -288,8 +286,15 @@ def train(args):
         "opt_g": common.adam(generator.parameters(), lr=args.lr_g, betas=betas),
     }
     nets = {"generator": generator, "d_head": d_head, "q_head": q_head}
-    run_dir, start_epoch, step = common.resume_state(args, "infogan", {"encoder": encoder, **nets},
-                                                     optimizers)
+    acc_random_init = None  # the monitor's baseline: the untrained networks
+    if args.n_cat and args.eval_every and rank == 0:
+        with torch.random.fork_rng(devices=[]):  # recalibrating draws STL-10's crops
+            untrained = copy.deepcopy(encoder)
+            common.recalibrate_batchnorm(untrained, data, device)
+            acc_random_init = cluster_accuracies(untrained, q_head, data, device)[0]
+    noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per rank
+    run_dir, start_epoch, step, elapsed = common.resume_state(
+        args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_gen})
     run = common.Run("infogan", args, run_dir)
     # DDP / compiled views for training; the plain modules are what gets saved. G's step reads
     # D and Q through the plain modules: it does not update them, and DDP would wait for
@@ -297,7 +302,6 @@ def train(args):
     enc, d_net, q_net, gen = (common.maybe_compile(common.wrap_ddp(m, device), args.compile)
                               for m in (encoder, d_head, q_head, generator))
     enc_g = enc if world == 1 else common.maybe_compile(encoder, args.compile)
-    noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per rank
     # fixed inputs for the pictures, the same after --resume
     g = torch.Generator().manual_seed(args.seed + 12345)
     fixed = {"traversal_z": torch.randn(1 if args.n_cont else args.traversal_steps,
@@ -311,8 +315,8 @@ def train(args):
     lam = dict(lambda_cat=args.lambda_cat, lambda_cont=args.lambda_cont)
     per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True, world_size=world)
     total_steps = min(args.epochs * per_epoch, args.max_steps or 10**12)
-    t0 = time.time()
-    stats = {}
+    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
+    stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps and step >= args.max_steps:
             break
@@ -360,22 +364,30 @@ def train(args):
                     "d_fake": torch.sigmoid(d_fake).mean()}
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_gan.item():.3f}", ce=f"{ce.item():.3f}")
+            bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_gan.item():.3f}", ce=f"{ce.item():.3f}", **shown)
             if args.max_steps and step >= args.max_steps:
                 break
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}  # rank 0's batches
+        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
+        due = common.eval_due(args.eval_every, epoch, last)  # the monitor: cluster accuracy
         if args.n_cat and rank == 0:  # I(c_cat; x) >= H(c_cat) - CE, in nats
             stats["mi_cat_lower_bound"] = args.n_cat * np.log(args.cat_dim) - stats["cat_ce"]
-            stats["cluster_acc_mixed_bn"] = cluster_accuracies(encoder, q_head, data, device)[0]
-            common.recalibrate_batchnorm(encoder, data, device)
-            stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
-        last = epoch + 1 == args.epochs or (args.max_steps and step >= args.max_steps)
+            if due:
+                stats["cluster_acc_mixed_bn"] = cluster_accuracies(encoder, q_head, data, device)[0]
+            common.recalibrate_batchnorm(encoder, data, device)  # watched or not
+            if due:
+                stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
+                shown["acc"] = f"{stats['cluster_acc']:.3f}"
         if rank == 0 and ((epoch + 1) % args.image_every == 0 or last):
             write_grids(generator, codes, fixed, run, epoch + 1, args.traversal_steps)
         run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+        if rank == 0 and (due or last):
+            common.plot_curves(run.metrics_path, run.path("curves.png"),
+                               ["cluster_acc", "cluster_acc_mixed_bn"], {"cluster_acc": acc_random_init})
         common.save_checkpoint(run.path("checkpoint.pt"), script="infogan", encoder=encoder,
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
-                               step=step, modules=nets, optimizers=optimizers)
+                               step=step, modules=nets, optimizers=optimizers,
+                               generators={"noise": noise_gen}, elapsed=time.time() - t0)
 
     common.finish_distributed()  # the rest is rank 0's alone
     if rank > 0:
@@ -384,8 +396,11 @@ def train(args):
                **{k: stats[k] for k in ("d_loss", "g_gan", "cat_ce", "cont_nll") if k in stats}}
     if args.n_cat:
         accs = cluster_accuracies(encoder, q_head, data, device)
-        run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs)
+        run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
+                cluster_acc_random_init=acc_random_init)
         summary["cluster acc (argmax Q)"] = accs[0]
+        if acc_random_init is not None:
+            summary["untrained"] = acc_random_init
     common.print_table([summary], title=f"\nInfoGAN ({args.n_cat} x Cat({args.cat_dim}) + "
                                         f"{args.n_cont} continuous) on {data.name}")
     print(f"checkpoint: {run.path('checkpoint.pt')}  (python eval_probe.py {run.path('checkpoint.pt')})")

@@ -77,7 +77,7 @@ def parse_args(argv=None):
     # --epochs and --max-steps (per stage) while keeping their spelling.
     p = common.ArgumentParser(description="Shared and exclusive representations by MI estimation",
                               conflict_handler="resolve")
-    common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4)
+    common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=3)
     p.add_argument("--dataset", default="colorful-digits", choices=common.PAIR_DATASETS,
                    help="pairs: colourful bundled digits (offline) or colourful MNIST")
     p.add_argument("--epochs", type=common.positive_int, default=None,
@@ -141,7 +141,8 @@ def parse_args(argv=None):
                         "codes, which reads what lies in directions of small variance)")
     p.add_argument("--n-queries", type=common.positive_int, default=4,
                    help="query images per domain in the nearest-neighbour PNG")
-    args = p.parse_args(argv)
+    args = common.merge_resume_args(p, argv, p.parse_args(argv),
+                                    (*common.RESUME_SAFE, "exclusive_epochs"))
     if args.exclusive_epochs is None:  # --epochs, when given, sets both stages
         args.exclusive_epochs = args.epochs or {"colorful-digits": 24}.get(args.dataset, 20)
     if args.epochs is None:
@@ -367,6 +368,21 @@ def evaluation_table(reps, pair, kind, seed):
     return rows, metrics
 
 
+def knn_monitor(enc, pair, device, parts):
+    """The per-epoch monitor: k-NN test accuracy of S on the digit and of Z on its domain's
+    colour (X's background, Y's foreground), for the encoders of `parts`."""
+    accs = {}
+    for part, rep in parts:
+        for d, colour in (("x", "background"), ("y", "foreground")):
+            label = "digit" if part == "shared" else colour
+            accs[f"knn_{rep}{d.upper()}_{label}"] = common.knn_monitor(
+                enc[f"{part}_{d}"], pair.domain(d, label), device)
+    return accs
+
+
+MONITORED = {1: [("shared", "S")], 2: [("exclusive", "Z")]}  # by stage
+
+
 def save_neighbours(reps, pair, path, n_queries, k=8):
     """Rows: a query image, then its k nearest test images (cosine) by S, then by Z."""
     rows = []
@@ -423,8 +439,6 @@ def save_encoders(run, enc, cfgs, parts, args, pair, epoch, step, shared_done):
 
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
     for part, norm, dim in (("shared", args.shared_norm, args.shared_dim),
                             ("exclusive", args.exclusive_norm, args.exclusive_dim)):
         if norm == "whiten" and args.batch_size // world <= dim:
@@ -432,7 +446,11 @@ def train(args):
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
     common.seed_everything(args.seed)
     pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing)
+    common.check_batch(args.batch_size, world, len(pair.train_x))
     enc, critics, cfgs = build_networks(args, pair.image_shape, device)
+    # the monitor's baseline: the untrained encoders
+    knn_random_init = (knn_monitor(enc, pair, device, MONITORED[1] + MONITORED[2])
+                       if args.eval_every and rank == 0 else {})
     shared_done = load_shared(args.shared_from, enc, args) if args.shared_from else 0
     stage1 = [p for k, m in {**enc, **critics}.items() if k.startswith("shared") for p in m.parameters()]
     stage2 = [p for k, m in {**enc, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
@@ -444,9 +462,13 @@ def train(args):
     plan = ([(1, e) for e in range(args.epochs)] if args.stage in ("1", "both") else []) + \
            ([(2, e) for e in range(args.exclusive_epochs)] if args.stage in ("2", "both") else [])
     modules = {"encoder": enc["shared_x"], **{k: m for k, m in enc.items() if k != "shared_x"}, **critics}
-    run_dir, start, step = common.resume_state(args, SCRIPT, modules, optimizers)
+    run_dir, start, step, elapsed = common.resume_state(args, SCRIPT, modules, optimizers)
     if args.resume:
         shared_done = common.load_checkpoint(args.resume)["extra"].get("shared_epochs_done", 0)
+        if args.stage == "both" and start > shared_done != args.epochs:  # plan entries would shift
+            raise UserError(f"stage 1 of {args.resume} ended after {shared_done} epochs and stage 2 "
+                            f"has begun: resume with --epochs {shared_done} (--exclusive-epochs "
+                            "sets stage 2's)")
     run = common.Run(SCRIPT, args, run_dir)
     if args.shared_from and not args.resume:  # the run folder holds every encoder it used
         save_encoders(run, enc, cfgs, ["shared"], args, pair, 0, 0, shared_done)
@@ -462,10 +484,10 @@ def train(args):
         print(f"run folder: {run.dir}  device: {device}  data: {pair.name} ({pair.pairing}) "
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
-    t0 = time.time()
+    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stage_steps = {1: 0, 2: 0}
     hsic_memory = {}  # per domain, this process's recent (S, Z): refilled after a resume
-    stats = {}
+    stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
     for i in range(start, len(plan)):
         stage, epoch = plan[i]
         n_epochs = args.epochs if stage == 1 else args.exclusive_epochs
@@ -506,17 +528,28 @@ def train(args):
             logs["loss"] = loss
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", mi=f"{logs.get('local_mi_x', loss).item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", mi=f"{logs.get('local_mi_x', loss).item():.3f}",
+                            **shown)
             if args.max_steps and stage_steps[stage] >= args.max_steps:
                 break
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
         if stage == 1:
             shared_done = epoch + 1
+        last = epoch + 1 == n_epochs or bool(args.max_steps and stage_steps[stage] >= args.max_steps)
+        if rank == 0 and common.eval_due(args.eval_every, epoch, last):
+            monitor = knn_monitor(enc, pair, device, MONITORED[stage])
+            stats.update(monitor)
+            watched.update(monitor)
+            shown = {k.split("_")[1]: f"{v:.2f}" for k, v in monitor.items()}  # SX=0.95 ...
         run.log(stage=stage, epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+        if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
+            common.plot_curves(run.metrics_path, run.path("curves.png"), list(knn_random_init),
+                               knn_random_init)
         common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=enc["shared_x"],
                                encoder_cfg=cfgs["shared"], args=args, data=pair.domain("x"),
                                epoch=i + 1, step=step, modules={k: m for k, m in modules.items() if k != "encoder"},
-                               optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done))
+                               optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done),
+                               elapsed=time.time() - t0)
         # this stage's encoders, one checkpoint each: shared_*.pt stop changing after stage 1
         save_encoders(run, enc, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
                       i + 1, step, shared_done)
@@ -527,11 +560,15 @@ def train(args):
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
     reps = representations(enc, pair, device, stages_done)
     rows, metrics = evaluation_table(reps, pair, args.probe, args.seed)
-    run.log(step=step, probe=args.probe, **metrics)
+    run.log(step=step, probe=args.probe, **metrics,
+            **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)
     common.print_table(rows, title=f"\n{args.probe} probe test accuracy on {pair.name} ({pair.pairing}), "
                                    f"{step} steps, {(time.time() - t0) / 60:.1f} min "
                                    f"(chance: digit 0.10, colours {1 / len(common.PALETTE):.3f})")
+    if watched:
+        common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}
+                            for k, v in watched.items()])
     print("goal: S_* high on digit, near chance on colours; Z_X high on background, "
           "Z_Y high on foreground, both low on digit")
     saved = [f"{part}_{d}.pt" for part in ("shared", "exclusive") for d in "xy" if os.path.exists(run.path(f"{part}_{d}.pt"))]
