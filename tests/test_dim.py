@@ -143,8 +143,9 @@ def test_offline_dataset_says_where_to_put_the_files(tmp_path):
 
 def test_dim_local_and_dim_global_differ_only_in_docstring_defaults_and_script_name():
     """The two scripts are one script with two sets of defaults (CleanRL-style variants):
-    with the module docstring, every `default=` value and SCRIPT's value blanked, their
-    syntax trees are identical, so a fix to one cannot be forgotten in the other."""
+    with the module docstring, every `default=` value, the defaults passed to
+    common.add_common_args and SCRIPT's value blanked, their syntax trees are identical, so a
+    fix to one cannot be forgotten in the other."""
     import ast
 
     def normalised(name):
@@ -154,6 +155,10 @@ def test_dim_local_and_dim_global_differ_only_in_docstring_defaults_and_script_n
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "default":
                 node.value = ast.Constant(None)
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "add_common_args"):
+                for kw in node.keywords:
+                    kw.value = ast.Constant(None)
             if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
                     and node.targets[0].id == "SCRIPT"):
                 node.value = ast.Constant(None)
