@@ -62,7 +62,7 @@ SCRIPT = "dim_local"
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4)
+    common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=1)
     p.add_argument("--loss", default="infonce", choices=sorted(common.BOUNDS),
                    help="MI estimator: jsd, infonce or dv (Table 1)")
     p.add_argument("--critic", default="dot", choices=["dot", "concat"],
