@@ -280,6 +280,19 @@ class Data:
         return count_batches(len(self.split(split)[0]), batch_size, drop_last, world_size)
 
 
+def random_shift(x, max_shift, generator=None):
+    """Each image of a [-1, 1] batch translated by its own (dy, dx) in [-max_shift, max_shift],
+    the uncovered border filled with -1 (black); x itself when max_shift is 0."""
+    if max_shift == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(x.device)
+    rows = (tops + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
+    cols = (lefts + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
 def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
     """Index tensors of one pass over n examples. Under torchrun every rank draws the same
     order (same generator seed) and takes its own slice, so all see the same number of batches."""
@@ -959,9 +972,10 @@ class DotCritic(nn.Module):
     All N x N x M^2 scores come from one einsum.
     """
 
-    def __init__(self, global_dim, local_channels, embed_dim=2048):
+    def __init__(self, global_dim, local_channels, embed_dim=2048, scale=1.0):
         super().__init__()
         e = embed_dim
+        self.scale = scale  # scores are scale * <g, l>
         self.g_mlp = nn.Sequential(nn.Linear(global_dim, e), nn.ReLU(inplace=True), nn.Linear(e, e))
         self.g_skip = nn.Linear(global_dim, e)
         self.l_mlp = nn.Sequential(nn.Conv2d(local_channels, e, 1), nn.ReLU(inplace=True),
@@ -981,7 +995,7 @@ class DotCritic(nn.Module):
         l = self.embed_local(local_map)
         if gather is not None:  # multi-GPU: negatives from every rank's batch
             g, l = gather(g), gather(l)
-        return torch.einsum("nd,mkd->nmk", g, l)  # (N, N, M*M) scores: positives on n == m
+        return self.scale * torch.einsum("nd,mkd->nmk", g, l)  # (N, N, M*M): positives on n == m
 
 
 class ConcatCritic(nn.Module):

@@ -16,11 +16,15 @@ defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
     python dim_local.py                                    # digits, ~2 min on 2 CPU cores
     python dim_local.py --dataset cifar10 --loss infonce --epochs 1000
 
-Multi-GPU: `torchrun --nproc_per_node=K dim_local.py --device cuda` trains with DDP; --batch-size
-stays the global batch, each process scores its embeddings against every process's (gathered
-with gradient), so K processes optimise the same bound as one process on the whole batch.
+`torchrun --nproc_per_node=K dim_local.py --device cuda` trains with DDP: --batch-size is the
+global batch and negatives are gathered from every process, so the bound is one process's.
+The recipe for real digits on a CPU is in benchmarks/reproduce.py; results in docs/dim.md.
 
 Where this script fills gaps in or departs from the paper:
+- The dot critic's scores are <g, l> / sqrt(E) for E = --embed-dim (`--score-scale 1` is the
+  paper's raw dot product): raw 2048-d products spread by about 12 at initialisation, so
+  infoNCE's softmax over ~4,000 candidates starts saturated and learns only from the largest.
+- `--shift K` (off by default, as in the paper) translates training images by up to K px.
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
 - Prior matching uses the non-saturating GAN loss for the encoder (the paper's Eq. 7 is the
@@ -82,6 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--y-dim", type=common.positive_int, default=64, help="size of y = E(x)")
     p.add_argument("--embed-dim", type=common.positive_int, default=2048,
                    help="dot critic embedding width (paper 2048; smaller is faster on CPU)")
+    p.add_argument("--score-scale", type=common.positive_float, default=None,
+                   help="the dot critic's scores are this times <g, l> (default 1/sqrt(--embed-dim); "
+                        "the paper's raw dot product is 1)")
+    p.add_argument("--shift", type=common.nonneg_int, default=0, metavar="K",
+                   help="translate each training image by up to K pixels (0: no augmentation, "
+                        "as in the paper outside STL-10)")
     p.add_argument("--occlude", action="store_true",
                    help="compute y from randomly occluded inputs, local features from the full "
                         "input (Table 5; two encoder passes per step)")
@@ -96,6 +106,8 @@ def parse_args(argv=None):
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
     if args.epochs is None:
         args.epochs = {"digits": 6, "cifar10": 1000, "cifar100": 1000}.get(args.dataset, 200)
+    if args.score_scale is None:
+        args.score_scale = args.embed_dim ** -0.5
     if args.alpha == args.beta == 0:
         p.error("--alpha and --beta are both 0: nothing would maximise MI")
     if args.multi_global and args.beta == 0:
@@ -168,7 +180,8 @@ def build_critics(args, encoder, shapes, local_layer):
         critics["global_critic"] = common.GlobalCritic(math.prod(shapes["conv"]), args.y_dim)
     if args.beta > 0:
         channels = shapes[local_layer][0]
-        critics["local_critic"] = (common.DotCritic(args.y_dim, channels, args.embed_dim)
+        critics["local_critic"] = (common.DotCritic(args.y_dim, channels, args.embed_dim,
+                                                    scale=args.score_scale)
                                    if args.critic == "dot" else
                                    common.ConcatCritic(args.y_dim, channels))
     if args.coord in ("absolute", "both"):
@@ -244,6 +257,7 @@ def train(args):
                               total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
                               desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
         for x, _ in bar:
+            x = common.random_shift(x, args.shift, gen)
             with common.autocast(device, args.amp):
                 out = enc(x)
                 y = out["y"]  # (N, y_dim): the global feature E(x)

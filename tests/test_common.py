@@ -139,3 +139,18 @@ def test_speed_benchmark_finds_the_scripts_from_its_folder():
     p = subprocess.run([sys.executable, os.path.join("benchmarks", "speed.py"), "--help"],
                        cwd=root, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--only" in p.stdout, p.stderr
+
+
+def test_random_shift_translates_each_image_and_fills_with_black():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 2, 9, 9, generator=g) * 2 - 1
+    out = common.random_shift(x, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(common.random_shift(x, 0, g), x)
+    padded = torch.nn.functional.pad(x, (3,) * 4, value=-1.0)
+    offsets = set()
+    for i in range(len(x)):  # every image is its own translate of the input, channels together
+        found = [(dy, dx) for dy in range(7) for dx in range(7)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 9, dx:dx + 9])]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 4  # drawn per image, not once per batch

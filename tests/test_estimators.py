@@ -170,3 +170,22 @@ def test_prior_losses_pull_in_opposite_directions():
     with torch.no_grad():
         disc.net[-1].bias.fill_(-10.0)
     assert common.prior_encoder_loss(disc, y).item() > low + 5
+
+
+def test_dot_critic_scale_keeps_infonce_out_of_saturation_at_initialisation():
+    """Raw dot products of 2048-d embeddings have a spread of about 10 at initialisation, so the
+    softmax over 4,000 candidates puts its mass on the largest negative and the estimate starts
+    far below 0 (the paper's setting); scaled by 1/sqrt(E), it starts near 0 at every width."""
+    torch.manual_seed(0)
+    y, local_map = torch.randn(32, 64), torch.relu(torch.randn(32, 128, 8, 8))
+    for e in (128, 2048):
+        torch.manual_seed(0)
+        raw = common.DotCritic(64, 128, e)
+        torch.manual_seed(0)
+        scaled = common.DotCritic(64, 128, e, scale=e ** -0.5)
+        with torch.no_grad():
+            s_raw, s_scaled = raw(y, local_map), scaled(y, local_map)
+        assert torch.allclose(s_scaled, s_raw * e ** -0.5)
+        assert abs(common.infonce_bound(s_scaled).item()) < 0.3
+        if e == 2048:
+            assert common.infonce_bound(s_raw).item() < -5
