@@ -1,0 +1,218 @@
+"""Every method's documented recipe, run and evaluated by one command.
+
+    python benchmarks/reproduce.py                                   # the bundled digits
+    python benchmarks/reproduce.py --data-root DIR --seeds 0,1,2     # DIR/MNIST/raw/*-ubyte
+
+Each recipe is one command line of a training script (RECIPES below); with --data-root it
+trains on MNIST there (colourful-MNIST pairs built from it for shared_exclusive), without it
+on the bundled digits. Every run is evaluated with eval_probe.py's probes (DIM) or with the
+numbers the script logs for its own representation (InfoGAN and InfoAE: clustering accuracy
+of the categorical code; shared/exclusive: what S and Z predict). The baselines are measured
+in the same call: logistic regression and k-means on raw pixels, and the untrained encoder.
+
+Numbers depend on the thread count (float reductions are split differently), the torch
+version and the device, so the runs use a fixed --threads and the JSON records all three.
+A seed gives the same numbers on every run of the same command on the same machine.
+Writes --out (JSON, method -> seed -> metric) and prints a markdown table.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# method -> (script, flags on the bundled digits, flags on MNIST). DATA is --data-root.
+RECIPES = {
+    # DIM on a CPU: a 512-wide critic (paper 2048) for about 4x the steps a minute, and 2-px
+    # shifts (not in the paper); 620 and 1,240 steps of batch 64 (measured in docs/dim.md)
+    "dim_local": ("dim_local.py", [], ["--dataset", "mnist", "--data-root", "DATA",
+                                       "--embed-dim", "512", "--shift", "2", "--epochs", "20"]),
+    "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA",
+                                         "--shift", "2", "--epochs", "40"]),
+    "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
+    "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
+    "shared_exclusive": ("shared_exclusive.py", [],
+                         ["--dataset", "colorful-mnist", "--data-root", "DATA"]),
+}
+SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric
+    "s_x_digit": "acc_SX_digit", "s_y_digit": "acc_SY_digit",
+    "s_x_background": "acc_SX_background", "s_y_foreground": "acc_SY_foreground",
+    "z_x_background": "acc_ZX_background", "z_y_foreground": "acc_ZY_foreground",
+    "z_x_digit": "acc_ZX_digit", "z_y_digit": "acc_ZY_digit",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=None,
+                   help="folder holding MNIST in torchvision's layout (default: bundled digits)")
+    p.add_argument("--only", default=",".join(RECIPES),
+                   help="comma-separated subset of " + ",".join(RECIPES))
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every run")
+    p.add_argument("--out", default="results.json", help="JSON written here")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap every run's steps (a smoke test of this script; not the recipes' numbers)")
+    p.add_argument("--keep-runs", default=None, metavar="DIR",
+                   help="keep the run folders under DIR (default: a temporary folder)")
+    args = p.parse_args(argv)
+    args.only = [m for m in args.only.split(",") if m]
+    bad = [m for m in args.only if m not in RECIPES]
+    if bad:
+        p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(RECIPES)}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.data_root is not None:
+        raw = os.path.join(args.data_root, "MNIST", "raw")
+        if not os.path.isdir(raw):
+            p.error(f"--data-root {args.data_root} has no MNIST/raw folder (torchvision's layout)")
+    return args
+
+
+def recipe_command(method, data_root, seed):
+    """The command line behind a number, as a user would type it."""
+    script, digits_flags, mnist_flags = RECIPES[method]
+    flags = digits_flags if data_root is None else [data_root if f == "DATA" else f for f in mnist_flags]
+    return ["python", script, *flags, "--seed", str(seed)]
+
+
+def environment(threads):
+    import torch
+    return {"threads": threads, "torch": torch.__version__, "device": "cpu",
+            "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine()}
+
+
+class RunFailed(Exception):
+    pass
+
+
+def run(cmd, threads, log_path):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               CUDA_VISIBLE_DEVICES="")  # the recorded numbers are CPU numbers
+    with open(log_path, "w") as log:
+        code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    if code != 0:
+        with open(log_path) as f:
+            lines = [l for l in f.read().splitlines() if l.strip()]
+        raise RunFailed(f"exit {code}: {lines[-1] if lines else 'no output'}")
+
+
+def last_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def probe(checkpoint, threads, log_path, random_init=False):
+    """eval_probe.py's linear / k-NN / k-means accuracy on conv and y, as {tap: {probe: acc}}."""
+    out = checkpoint + (".random-init" if random_init else "") + ".eval.json"
+    run(["python", "eval_probe.py", checkpoint, "--probes", "linear,knn,kmeans", "--taps", "conv,y",
+         "--out", out, *(["--random-init"] if random_init else [])], threads, log_path)
+    with open(out) as f:
+        return {r["tap"]: r for r in json.load(f)["results"]}
+
+
+def metrics_of(method, run_dir, threads):
+    m = last_metrics(run_dir)
+    if method in ("dim_local", "dim_global"):
+        ckpt = os.path.join(run_dir, "checkpoint.pt")
+        res = probe(ckpt, threads, os.path.join(run_dir, "eval.log"))
+        rnd = probe(ckpt, threads, os.path.join(run_dir, "eval-random-init.log"), random_init=True)
+        return {"y_linear": res["y"]["linear"], "y_knn": res["y"]["knn"],
+                "y_kmeans": res["y"]["kmeans"], "conv_linear": res["conv"]["linear"],
+                "untrained_y_linear": rnd["y"]["linear"], "untrained_y_knn": rnd["y"]["knn"],
+                "untrained_y_kmeans": rnd["y"]["kmeans"], "untrained_conv_linear": rnd["conv"]["linear"]}
+    if method == "infogan":
+        return {"cluster_acc": m["cluster_acc"]}
+    if method == "infoae":
+        return {"cluster_acc": m["test_cluster_acc"]}
+    return {k: m[v] for k, v in SHARED_EXCLUSIVE_KEYS.items()}
+
+
+def pixel_baselines(data_root):
+    """Logistic regression and k-means on raw pixels of the test split."""
+    import torch
+    import common
+    data = common.load_data("digits" if data_root is None else "mnist", data_root or "./data")
+    flat = lambda x: (x.float() / 255).flatten(1).numpy()
+    tx, vx = flat(data.train_x), flat(data.test_x)
+    ty, vy = data.train_y.numpy(), data.test_y.numpy()
+    torch.set_num_threads(1)
+    return {"pixels_linear": common.linear_probe(tx, ty, vx, vy),
+            "pixels_kmeans": common.kmeans_accuracy(vx, vy, data.n_classes, seed=0)}
+
+
+COLUMNS = {  # method -> the metrics its row shows
+    "dim_local": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
+    "dim_global": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
+    "infogan": ["cluster_acc"], "infoae": ["cluster_acc"],
+    "shared_exclusive": list(SHARED_EXCLUSIVE_KEYS),
+}
+
+
+def markdown(results, data_root):
+    lines = ["| method | command | seed | result | minutes |", "| --- | --- | --- | --- | --- |"]
+    for method in RECIPES:
+        for seed, m in results.get(method, {}).items():
+            cells = [f"failed ({m['error']})"] if "error" in m else []
+            for k in COLUMNS[method] if "error" not in m else []:
+                base = m.get("untrained_" + k)
+                cells.append(f"{k} {m[k]:.3f}" + (f" (untrained {base:.3f})" if base is not None else ""))
+            cmd = shlex.join(recipe_command(method, data_root and "DIR", seed))
+            lines.append(f"| {method} | `{cmd}` | {seed} | {', '.join(cells)} | {m['minutes']:.1f} |")
+    b = results["baselines"]
+    lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}, k-means {b['pixels_kmeans']:.3f} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = {"environment": environment(args.threads),
+               "dataset": "bundled digits" if args.data_root is None else f"MNIST at {args.data_root}",
+               "baselines": pixel_baselines(args.data_root)}
+    keep = args.keep_runs or tempfile.mkdtemp(prefix="reproduce-")
+    for method in args.only:
+        for seed in args.seeds:
+            cmd = recipe_command(method, args.data_root, seed)
+            out_dir = os.path.join(keep, f"{method}-seed{seed}")
+            os.makedirs(out_dir, exist_ok=False)
+            print(f"{shlex.join(cmd)}  ({args.threads} threads)", flush=True)
+            t0 = time.time()
+            try:
+                cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+                run(cmd + cap + ["--out-dir", out_dir, "--no-progress"], args.threads,
+                    os.path.join(out_dir, "train.log"))
+                minutes = (time.time() - t0) / 60
+                (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)
+                              if os.path.isdir(os.path.join(out_dir, d))]
+                m = metrics_of(method, run_dir, args.threads)
+            except RunFailed as e:  # recorded, and the other recipes still run
+                minutes, m = (time.time() - t0) / 60, {"error": str(e)}
+                print(f"  failed: {e}", flush=True)
+            else:
+                print("  " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) +
+                      f"  [{minutes:.1f} min]", flush=True)
+            results.setdefault(method, {})[str(seed)] = {**m, "minutes": round(minutes, 2)}
+            with open(args.out, "w") as f:  # after every run, so a long call can be read midway
+                json.dump(results, f, indent=2)
+    env = results["environment"]
+    print(f"\n{results['dataset']}; CPU, {env['threads']} threads, torch {env['torch']}; "
+          f"runs kept in {keep}\n")
+    print(markdown(results, args.data_root))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
