@@ -59,8 +59,10 @@ def test_training_raises_the_local_bound(tmp_path):
         ["--no-progress", "--epochs", "2", "--max-steps", "30", "--embed-dim", "256", "--gamma", "0",
          "--lr", "5e-4", "--out-dir", str(tmp_path)]))
     epochs = [m for m in read_metrics(run.dir) if "local_mi" in m]
-    # infoNCE with (N-1)*M^2+1 = 4033 candidates starts far below 0 and must climb
-    assert epochs[1]["local_mi"] > epochs[0]["local_mi"] + 0.5
+    # infoNCE with (N-1)*M^2+1 = 4033 candidates: the scaled critic starts near 0 (not
+    # saturated far below it) and the bound must climb from there
+    assert epochs[0]["local_mi"] > -0.5
+    assert epochs[1]["local_mi"] > epochs[0]["local_mi"] + 0.2
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):
