@@ -22,10 +22,9 @@ measure of the dependence of S and Z, does it instead, computed exactly on every
 Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
 (the offline default): X is the white digit on a background colour, Y the digit drawn in a
 colour on white, the two colours drawn once (common.PAIR_DATA_SEED), independently, from 12
-hues (common.PALETTE). What
-"shared" means is set by the pairing: `--pairing same-image` (the paper's) draws both images
-from one MNIST image, so S holds the digit's class and style; `--pairing same-class` pairs
-two drawings of one class, so S becomes a class code and the pairing is weak supervision.
+hues (common.PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
+image, so S holds the digit's class and style; `--pairing same-class` pairs two drawings of
+one class, so S becomes a class code and the pairing is weak supervision.
 
 Where this script fills gaps in or departs from the paper (the measurements behind each
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
