@@ -1347,10 +1347,14 @@ def set_rng_state(state, generators=None):
         g.set_state(state["generators"][k])
 
 
-def check_finite(loss, step, what="loss"):
+DV_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
+
+
+def check_finite(loss, step, what="loss", hint=DV_HINT):
+    """A UserError naming the step when `loss` is not finite. `hint`: what blew up and what to
+    try, in the script's own flags (the default is the DIM scripts', whose --loss dv can)."""
     if not torch.isfinite(loss).all():
-        raise UserError(f"{what} became {loss.item()} at step {step}; lower --lr, or use --loss "
-                        "jsd/infonce (the DV bound is known to blow up)")
+        raise UserError(f"{what} became {loss.item()} at step {step}; {hint}")
 
 
 # ----------------------------------------------------------------------------------------

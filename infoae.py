@@ -171,6 +171,9 @@ class Classifier(nn.Module):
         return self.net(latent)
 
 
+SPREAD_VAR_FLOOR = 1e-8  # ImageDiscriminator's spread: var below this counts as 0
+
+
 class ImageDiscriminator(nn.Module):
     """Dis: image -> real/fake logit. conv 4x4/2 w (leaky ReLU) -> conv 2w (BN) -> conv 4w
     (BN) -> linear 1, whose input also gets the batch's spread after the first layer."""
@@ -190,7 +193,12 @@ class ImageDiscriminator(nn.Module):
         # minibatch spread: how much the batch varies, taken before any BatchNorm (which
         # would rescale a batch of near-copies back to unit variance). A decoder that ignores
         # z draws near-copies; a real batch varies. (h.std(0) written out: faster on a CPU.)
-        spread = (h - h.mean(0)).square().mean(0).sqrt().mean().expand(len(h), 1)
+        # The variance is floored before the root: where every image of the batch is
+        # background (MNIST's black border, -1 everywhere) it is exactly 0, sqrt's gradient
+        # there is infinite and 0 * inf made Dis's first update NaN; at the floor the
+        # gradient is 0, which is exact (such a spread is 0 whatever Dis's weights).
+        var = (h - h.mean(0)).square().mean(0)
+        spread = var.clamp_min(SPREAD_VAR_FLOOR).sqrt().mean().expand(len(h), 1)
         return self.out(torch.cat([self.rest(h), spread], 1)).squeeze(-1)
 
 
@@ -240,6 +248,29 @@ def build_networks(args, image_shape):
 
 MIN_PLAYERS = ("encoder", "decoder", "generator", "classifier")
 CRITICS = ("discriminator", "self_critic", "latent_critic")
+
+# the flag weighing each min-player term, for the NaN message (critic losses have none)
+TERM_FLAGS = {"rec": "--rec-weight", "dec_gen": "--alpha", "dec_rec": "--alpha", "cls_gen": "--beta",
+              "cls_enc": "--beta", "enc_sc": "--gamma", "enc_lat": "--latent-adv",
+              "gen_lat": "--latent-adv-gen", "clu_mi": "--cluster-mi"}
+
+
+def check_finite(loss, terms, nets, step, args, what="loss"):
+    """common.check_finite with this script's hint: which terms are not finite, which
+    networks' weights or BatchNorm statistics are (the one that blew up in an earlier update),
+    and this script's flags to try."""
+    if torch.isfinite(loss).all():
+        return
+    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+    bad_nets = [k for k, m in nets.items()
+                if not all(torch.isfinite(v).all() for v in m.state_dict().values()
+                           if v.is_floating_point())]
+    flags = sorted({TERM_FLAGS[k] for k in bad_terms if k in TERM_FLAGS})
+    hint = (f"not finite: {', '.join(bad_terms) or 'the sum only'}; weights not finite: "
+            f"{', '.join(bad_nets) or 'none'}; try a lower --lr (now {args.lr:g})"
+            + (f" or a lower {' / '.join(flags)} (the weight of those terms)" if flags else "")
+            + (", or run without --amp" if args.amp else ""))
+    common.check_finite(loss, step, what, hint)
 
 
 # ----------------------------------------------------------------------------------------
@@ -526,7 +557,7 @@ def train(args):
                 terms, t = players(x, z, c, sigma, args.cluster_balance, args.cluster_mi > 0)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
-            common.check_finite(loss, step)
+            check_finite(loss, terms, nets, step, args)
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
@@ -536,7 +567,9 @@ def train(args):
                 critics = critics_net(x, t, sigma)
             for k in ("dis_opt", "sc_opt", "lat_opt"):
                 optimizers[k].zero_grad(set_to_none=True)
-            (critics["dis"] + critics["sc"] + critics["lat"]).backward()
+            critic_loss = critics["dis"] + critics["sc"] + critics["lat"]
+            check_finite(critic_loss, critics, nets, step, args, "the critics' loss")
+            critic_loss.backward()
             for k in ("dis_opt", "sc_opt", "lat_opt"):
                 optimizers[k].step()
 

@@ -456,3 +456,64 @@ def test_bad_flags_exit_with_one_line(capsys):
         infoae.parse_args(["--categories", "1"])
     assert e.value.code == 2
     assert "categories" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# MNIST-shaped images: a black border every image shares
+# ----------------------------------------------------------------------------------------
+def mnist_shaped(n_train=64, n_test=64, seed=0):
+    """A common.Data shaped like --dataset mnist's: 28x28 uint8 digit-like strokes (a bar per
+    class, jittered, in MNIST's central 20x20 box) on black, padded to 32x32 as load_data
+    pads MNIST. Every image is -1 in its border after preprocessing, so the batch's variance
+    there is exactly 0 (bundled digits under instance noise never are)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def images(n):
+        x, y = torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.arange(n) % 10
+        for i, k in enumerate(y.tolist()):
+            r, c = 6 + k % 5 * 3 + int(torch.randint(-1, 2, (1,), generator=g)), 6 + k // 5 * 8
+            x[i, 0, r:r + 3, c:c + 10] = 255
+            x[i, 0, 6:22, 4 + k:6 + k] = torch.randint(128, 256, (16, 2), generator=g).to(torch.uint8)
+        return F.pad(x, (2, 2, 2, 2)), y
+    (tx, ty), (vx, vy) = images(n_train), images(n_test)
+    return common.Data("mnist", tx, ty, vx, vy, 10)
+
+
+def test_dis_gradient_is_finite_where_every_image_is_background():
+    # ImageDiscriminator's spread took sqrt of a batch variance that is exactly 0 at MNIST's
+    # border; sqrt's infinite gradient there times 0 made Dis's first update NaN
+    data = mnist_shaped()
+    torch.manual_seed(0)
+    dis = infoae.ImageDiscriminator(1, 32, 8)
+    x = data.preprocess(data.train_x[:N], train=True)
+    assert (x[:, :, :2] == -1).all()
+    F.softplus(-dis(x)).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in dis.parameters())
+
+
+def test_trains_on_mnist_shaped_images_with_finite_losses(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_data", lambda *a, **kw: mnist_shaped())
+    run = infoae.main(["--dataset", "mnist", "--width", "8", "--hidden", "64", "--batch-size", "16",
+                       "--epochs", "1", "--max-steps", "4", "--eval-every", "0", "--no-progress",
+                       "--out-dir", str(tmp_path)])
+    epoch = json.loads(open(run.path("metrics.jsonl")).readline())
+    assert epoch["step"] == 4
+    for k in ("rec", "dec_gen", "dec_rec", "cls_gen", "cls_enc", "enc_sc", "dis", "sc", "lat", "loss"):
+        assert torch.isfinite(torch.tensor(epoch[k])), (k, epoch[k])
+
+
+def test_nan_names_the_terms_and_the_network_and_this_scripts_flags(tmp_path, monkeypatch):
+    build = infoae.build_networks
+
+    def broken_dis(*a):
+        cfg, nets = build(*a)
+        with torch.no_grad():
+            nets["discriminator"].out.weight.fill_(float("nan"))
+        return cfg, nets
+    monkeypatch.setattr(infoae, "build_networks", broken_dis)
+    with pytest.raises(common.UserError) as e:
+        infoae.main(["--width", "8", "--hidden", "64", "--max-steps", "2", "--eval-every", "0",
+                     "--no-progress", "--out-dir", str(tmp_path)])
+    msg = str(e.value)
+    assert "at step 0" in msg and "dec_gen, dec_rec" in msg and "discriminator" in msg
+    assert "--lr" in msg and "--alpha" in msg and "--loss" not in msg
