@@ -56,6 +56,9 @@ import common
 from common import UserError
 
 
+NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
+
+
 def parse_args(argv=None):
     p = common.ArgumentParser(description="InfoGAN with categorical and continuous codes")
     common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
@@ -341,7 +344,7 @@ def train(args):
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 i_loss, ce, nll = info_loss(q_net(out["y"][n:]), cat, cont, **lam)
                 dq_loss = d_loss + i_loss
-            common.check_finite(dq_loss, step)
+            common.check_finite(dq_loss, step, "D and Q's loss", NAN_HINT)
             optimizers["opt_dq"].zero_grad(set_to_none=True)
             dq_loss.backward()
             optimizers["opt_dq"].step()
@@ -352,7 +355,7 @@ def train(args):
                 g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
                 g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
                 g_loss = g_gan + g_info
-            common.check_finite(g_loss, step)
+            common.check_finite(g_loss, step, "G's loss", NAN_HINT)
             optimizers["opt_g"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["opt_g"].step()
