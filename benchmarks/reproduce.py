@@ -31,12 +31,12 @@ sys.path.insert(0, ROOT)
 # method -> (script, flags on the bundled digits, flags on MNIST). DATA is --data-root.
 RECIPES = {
     # DIM on a CPU (docs/dim.md): DIM(L) with a 512-wide critic (paper 2048) for about 4x the
-    # steps a minute and 2-px shifts (not in the paper), 620 steps; DIM(G) with the prior's
-    # weight at 0.1 (paper 1), 1,240 steps; batch 64
+    # steps a minute and 2-px shifts (not in the paper), 620 steps of 64; DIM(G) with the
+    # prior's weight at 0.1 (paper 1) and batches of 256 (paper 64: log 64 caps its bound)
     "dim_local": ("dim_local.py", [], ["--dataset", "mnist", "--data-root", "DATA",
                                        "--embed-dim", "512", "--shift", "2", "--epochs", "20"]),
     "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA",
-                                         "--gamma", "0.1", "--epochs", "40"]),
+                                         "--gamma", "0.1", "--batch-size", "256", "--epochs", "40"]),
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "shared_exclusive": ("shared_exclusive.py", [],
