@@ -53,6 +53,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
+import argparse
 import math
 import os
 import time
@@ -69,6 +70,19 @@ SCRIPT = "shared_exclusive"
 REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_digit ...)
 # the encoder behind each --shared-norm / --exclusive-norm
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
+
+
+PROBES = ("mlp", "linear", "whitened-mlp")
+
+
+def probe_list(text):
+    """--probe: comma-separated probe names, each one of PROBES, none twice."""
+    probes = [t for t in text.split(",") if t]
+    bad = [t for t in probes if t not in PROBES]
+    if bad or not probes or len(set(probes)) < len(probes):
+        raise argparse.ArgumentTypeError(f"expected probes from {', '.join(PROBES)}, comma-separated "
+                                         f"and each once, got {text!r}")
+    return probes
 
 
 def parse_args(argv=None):
@@ -135,9 +149,11 @@ def parse_args(argv=None):
                         "encoder step (stage 2)")
     p.add_argument("--embed-dim", type=common.positive_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
-    p.add_argument("--probe", default="mlp", choices=["mlp", "linear", "whitened-mlp"],
-                   help="classifier of the evaluation table (whitened-mlp: the MLP on PCA-whitened "
-                        "codes, which reads what lies in directions of small variance)")
+    p.add_argument("--probe", default="mlp", type=probe_list, metavar="PROBE[,PROBE]",
+                   help=f"classifier(s) of the evaluation table, from {', '.join(PROBES)}: the first "
+                        "logs acc_<code>_<target>, the others acc_<code>_<target>_<probe> "
+                        "(whitened-mlp: the MLP on PCA-whitened codes, which reads what lies in "
+                        "directions of small variance)")
     p.add_argument("--n-queries", type=common.positive_int, default=4,
                    help="query images per domain in the nearest-neighbour PNG")
     args = common.merge_resume_args(p, argv, p.parse_args(argv),
@@ -367,6 +383,17 @@ def evaluation_table(reps, pair, kind, seed):
     return rows, metrics
 
 
+def evaluate(reps, pair, probes, seed):
+    """Every probe's evaluation table: the flat metrics (the first probe's keys acc_SX_digit
+    and so on, every other probe's with _<probe> appended) and [(probe, rows)]."""
+    metrics, tables = {}, []
+    for i, probe in enumerate(probes):
+        rows, accs = evaluation_table(reps, pair, probe, seed)
+        metrics.update({k + ("" if i == 0 else "_" + probe): v for k, v in accs.items()})
+        tables.append((probe, rows))
+    return metrics, tables
+
+
 def knn_monitor(enc, pair, device, parts):
     """The per-epoch monitor: k-NN test accuracy of S on the digit and of Z on its domain's
     colour (X's background, Y's foreground), for the encoders of `parts`."""
@@ -558,13 +585,14 @@ def train(args):
         return run, {}
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
     reps = representations(enc, pair, device, stages_done)
-    rows, metrics = evaluation_table(reps, pair, args.probe, args.seed)
-    run.log(step=step, probe=args.probe, **metrics,
+    metrics, tables = evaluate(reps, pair, args.probe, args.seed)
+    run.log(step=step, probe=",".join(args.probe), **metrics,
             **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)
-    common.print_table(rows, title=f"\n{args.probe} probe test accuracy on {pair.name} ({pair.pairing}), "
-                                   f"{step} steps, {(time.time() - t0) / 60:.1f} min "
-                                   f"(chance: digit 0.10, colours {1 / len(common.PALETTE):.3f})")
+    for probe, rows in tables:
+        common.print_table(rows, title=f"\n{probe} probe test accuracy on {pair.name} ({pair.pairing}), "
+                                       f"{step} steps, {(time.time() - t0) / 60:.1f} min "
+                                       f"(chance: digit 0.10, colours {1 / len(common.PALETTE):.3f})")
     if watched:
         common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}
                             for k, v in watched.items()])

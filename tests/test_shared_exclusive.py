@@ -361,6 +361,23 @@ def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
         se.load_shared(run.path("checkpoint.pt"), fresh, args2)
 
 
+def test_every_probe_of_the_list_gets_its_own_keys_and_bad_lists_are_refused():
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 10, 400)
+    codes = np.eye(10)[digit] + 0.1 * rng.normal(size=(400, 10))  # the digit, linearly
+    labels = torch.as_tensor(np.stack([digit, digit % 2, rng.integers(0, 12, 400)], 1))
+    pair = SimpleNamespace(train_labels=labels[:300], test_labels=labels[300:])
+    metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "mlp"], 0)
+    assert [p for p, _ in tables] == ["linear", "mlp"]
+    assert set(metrics) == {f"acc_SX_{t}{s}" for t in common.PAIR_LABELS for s in ("", "_mlp")}
+    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_mlp"] > 0.95
+    assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_mlp"] < 0.3
+    assert se.parse_args(["--probe", "mlp,whitened-mlp"]).probe == ["mlp", "whitened-mlp"]
+    for bad in ("mlp,bogus", "mlp,mlp", ","):
+        with pytest.raises(SystemExit):
+            se.parse_args(["--probe", bad])
+
+
 def test_user_errors(tmp_path):
     with pytest.raises(SystemExit):
         se.parse_args(["--stage", "2"])  # no shared encoders to start from
