@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py                                   # the bundled digits
     python benchmarks/reproduce.py --data-root DIR --seeds 0,1,2     # DIR/MNIST/raw/*-ubyte
+    python benchmarks/reproduce.py --merge a.json b.json --out all.json   # calls run side by side
 
 Each recipe is one command line of a training script (RECIPES below); with --data-root it
 trains on MNIST there (colourful-MNIST pairs built from it for shared_exclusive), without it
@@ -63,6 +64,9 @@ def parse_args(argv=None):
                    help="cap every run's steps (a smoke test of this script; not the recipes' numbers)")
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the run folders under DIR (default: a temporary folder)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: join these --out files (one dataset, threads and torch, "
+                        "say calls that ran side by side) into --out and print their table")
     args = p.parse_args(argv)
     args.only = [m for m in args.only.split(",") if m]
     bad = [m for m in args.only if m not in RECIPES]
@@ -178,8 +182,45 @@ def markdown(results, data_root):
     return "\n".join(lines)
 
 
+def merge(paths):
+    """One results dict from several --out files of the same dataset, threads and torch
+    version; a method and seed present in two of them is an error, not a silent choice."""
+    results = None
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --merge {path}: not a readable results file ({e})")
+        if results is None:
+            results = part
+            continue
+        for key in ("dataset", "environment"):
+            if part[key] != results[key]:
+                raise SystemExit(f"error: --merge {path}: {key} {part[key]} differs from {results[key]}")
+        for method in RECIPES:
+            for seed, m in part.get(method, {}).items():
+                if seed in results.get(method, {}):
+                    raise SystemExit(f"error: --merge {path}: {method} seed {seed} is in two files")
+                results.setdefault(method, {})[seed] = m
+    return results
+
+
+def print_table(results, data_root, out):
+    env = results["environment"]
+    print(f"\n{results['dataset']}; CPU, {env['threads']} threads, torch {env['torch']}\n")
+    print(markdown(results, data_root))
+    print(f"\nwrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        results = merge(args.merge)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print_table(results, None if results["dataset"] == "bundled digits" else "DIR", args.out)
+        return
     results = {"environment": environment(args.threads),
                "dataset": "bundled digits" if args.data_root is None else f"MNIST at {args.data_root}",
                "baselines": pixel_baselines(args.data_root)}
@@ -208,11 +249,8 @@ def main(argv=None):
             results.setdefault(method, {})[str(seed)] = {**m, "minutes": round(minutes, 2)}
             with open(args.out, "w") as f:  # after every run, so a long call can be read midway
                 json.dump(results, f, indent=2)
-    env = results["environment"]
-    print(f"\n{results['dataset']}; CPU, {env['threads']} threads, torch {env['torch']}; "
-          f"runs kept in {keep}\n")
-    print(markdown(results, args.data_root))
-    print(f"\nwrote {args.out}")
+    print(f"\nruns kept in {keep}")
+    print_table(results, args.data_root, args.out)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,30 @@ def test_reproduce_refuses_an_unknown_method_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--only", "dim_lokal"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown method(s) dim_lokal" in proc.stderr
+
+
+def test_merge_joins_calls_run_side_by_side_and_refuses_a_clash(tmp_path):
+    env = {"threads": 1, "torch": "2.x", "device": "cpu"}
+    base = {"environment": env, "dataset": "MNIST at DIR",
+            "baselines": {"pixels_linear": 0.886, "pixels_kmeans": 0.54}}
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    a.write_text(json.dumps({**base, "infogan": {"0": {"cluster_acc": 0.61, "minutes": 9.0}}}))
+    b.write_text(json.dumps({**base, "infoae": {"0": {"cluster_acc": 0.7, "minutes": 8.0}},
+                             "infogan": {"1": {"cluster_acc": 0.52, "minutes": 9.5}}}))
+    proc = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--merge", str(a), str(b),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["infogan"] == {"0": {"cluster_acc": 0.61, "minutes": 9.0},
+                            "1": {"cluster_acc": 0.52, "minutes": 9.5}}
+    assert r["infoae"]["0"]["cluster_acc"] == 0.7
+    rows = [l.split(" | ") for l in proc.stdout.splitlines() if l.startswith("| info")]
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
+        ("| infogan", "0", "cluster_acc 0.610", "9.0 |"), ("| infogan", "1", "cluster_acc 0.520", "9.5 |"),
+        ("| infoae", "0", "cluster_acc 0.700", "8.0 |")]
+    assert all("--data-root DIR" in r[1] for r in rows)
+    proc = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--merge", str(a), str(a),
+                           "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "infogan seed 0 is in two files" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
