@@ -12,7 +12,9 @@ This script minimises the *information loss* lambda_cat * CE + lambda_cont * Gau
 -(L_I - H(c)) summed over codes. D and Q share a trunk (common.InfoGANEncoder, saved as the
 run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's hidden layer). At
 the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one to the
-labels (paper: about 95% on MNIST).
+labels (paper: about 95% on MNIST), and G's samples of each category are labelled by a pixel
+classifier fitted to real labelled images (generated_category_purity: are G's categories the
+classes, or did G split and merge them?).
 
     python infogan.py                            # digits, CPU: 100 epochs, 4400 steps
     python infogan.py --dataset mnist --epochs 50
@@ -248,6 +250,28 @@ def cluster_accuracies(encoder, q_head, data, device, split="test"):
     return [float(common.cluster_accuracy(preds[:, i], labels)) for i in range(preds.shape[1])]
 
 
+@torch.no_grad()
+def generated_category_purity(generator, codes, data, device, n=2000, max_train=10000, seed=0):
+    """How far G's categories (the first categorical code) are digits: a logistic regression
+    on raw pixels, fitted to (at most max_train) labelled real training images, labels n of G's
+    samples, and the categories are matched one-to-one to those labels (Hungarian). A low
+    value with Q recovering c from G's images means G split or merged the classes, which Q
+    then inherits on real images; a value well above cluster_acc points at how Q reads real
+    images instead. Diagnostic only: nothing in training sees a label."""
+    from sklearn.linear_model import LogisticRegression
+    pixels = lambda x: ((x.float() + 1) / 2 if x.is_floating_point() else x.float() / 255).flatten(1).cpu().numpy()
+    keep = (data.train_y >= 0).nonzero().squeeze(1)[:max_train]  # STL-10's unlabelled are -1
+    if len(keep) == 0:
+        return None
+    clf = LogisticRegression(max_iter=300).fit(pixels(data.train_x[keep]), data.train_y[keep].cpu().numpy())
+    was_training = generator.training
+    generator.eval()
+    z, cat, cont = codes.sample(n, device, generator=torch.Generator().manual_seed(seed))
+    seen = clf.predict(pixels(torch.cat([generator(g) for g in codes.gen_input(z, cat, cont).split(500)])))
+    generator.train(was_training)
+    return float(common.cluster_accuracy(cat[:, 0].cpu().numpy(), seen))
+
+
 def dcgan_init(module):
     """Weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0 (DCGAN's recipe, which
     InfoGAN's networks follow); PyTorch's default init saturates G's tanh at the start."""
@@ -401,6 +425,10 @@ def train(args):
         accs = cluster_accuracies(encoder, q_head, data, device)
         run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
                 cluster_acc_random_init=acc_random_init)
+        purity = generated_category_purity(generator, codes, data, device)
+        if purity is not None:
+            run.log(step=step, generated_category_purity=purity)
+            summary["G's categories as classes"] = purity
         summary["cluster acc (argmax Q)"] = accs[0]
         if acc_random_init is not None:
             summary["untrained"] = acc_random_init

@@ -180,3 +180,27 @@ def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():
     noisy = common.instance_noise(x, 0.7, g)
     assert noisy.shape == x.shape and noisy.std().item() == pytest.approx(0.7, rel=0.02)
     assert abs(noisy.mean().item()) < 0.01
+
+
+class ClassMeanGenerator(torch.nn.Module):
+    """Draws the mean real image of class mapping[c] for category c, whatever z is."""
+
+    def __init__(self, codes, data, mapping):
+        super().__init__()
+        x = data.train_x.float() / 127.5 - 1 if not data.train_x.is_floating_point() else data.train_x
+        means = torch.stack([x[data.train_y == k].mean(0) for k in range(10)])
+        self.codes, self.means, self.mapping = codes, means, torch.as_tensor(mapping)
+
+    def forward(self, g_in):
+        onehot = g_in[:, self.codes.noise_dim:self.codes.noise_dim + self.codes.cat_dim]
+        return self.means[self.mapping[onehot.argmax(1)]]
+
+
+def test_generated_category_purity_tells_digit_categories_from_merged_ones():
+    data = common.load_data("digits")
+    codes = infogan.Codes(noise_dim=4, n_cat=1, cat_dim=10, n_cont=0)
+    one_digit_each = ClassMeanGenerator(codes, data, [3, 1, 4, 0, 5, 9, 2, 6, 8, 7])
+    assert infogan.generated_category_purity(one_digit_each, codes, data, "cpu", n=500) > 0.95
+    # two categories per digit for five digits: at most half the samples can be matched
+    pairs = ClassMeanGenerator(codes, data, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    assert 0.4 < infogan.generated_category_purity(pairs, codes, data, "cpu", n=500) <= 0.55
