@@ -280,15 +280,13 @@ class Data:
         return count_batches(len(self.split(split)[0]), batch_size, drop_last, world_size)
 
 
-def random_shift(x, max_shift, generator=None, fill=-1.0):
+def random_shift(x, max_shift, generator=None):
     """Each image of a [-1, 1] batch translated by its own (dy, dx) in [-max_shift, max_shift],
-    the uncovered border filled with `fill` (-1: black) or, with fill="edge", with copies of
-    the image's edge (a coloured background stays that colour); x itself when max_shift is 0."""
+    the uncovered border filled with -1 (black); x itself when max_shift is 0."""
     if max_shift == 0:
         return x
     n, c, h, w = x.shape
-    padded = (F.pad(x, (max_shift,) * 4, mode="replicate") if fill == "edge" else
-              F.pad(x, (max_shift,) * 4, value=fill))
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(x.device)
     rows = (tops + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
     cols = (lefts + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)

@@ -147,9 +147,6 @@ def parse_args(argv=None):
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
                    help="steps of the S-Z discriminator D (each on a new shuffle of the batch) per "
                         "encoder step (stage 2)")
-    p.add_argument("--shift", type=common.nonneg_int, default=0, metavar="K",
-                   help="translate every training image by up to K px, each its own shift, the "
-                        "border continued from the edge (not in the paper; default 0)")
     p.add_argument("--embed-dim", type=common.positive_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
     p.add_argument("--probe", default="mlp", type=probe_list, metavar="PROBE[,PROBE]",
@@ -534,7 +531,6 @@ def train(args):
                               desc=f"stage {stage} epoch {epoch + 1}/{n_epochs}",
                               disable=args.no_progress or rank > 0)
         for x, y, _ in bar:
-            x, y = (common.random_shift(v, args.shift, gen, fill="edge") for v in (x, y))
             with common.autocast(device, args.amp):
                 if stage == 1:
                     loss, logs, sz = shared_step(x, y, fwd, fwd, bound, args, gather)

@@ -154,13 +154,3 @@ def test_random_shift_translates_each_image_and_fills_with_black():
         assert len(found) == 1
         offsets.add(found[0])
     assert len(offsets) > 4  # drawn per image, not once per batch
-
-
-def test_random_shift_with_edge_fill_keeps_a_coloured_background():
-    x = torch.full((4, 3, 8, 8), 0.5)
-    x[:, 0] = -0.25  # a uniform colour, no black anywhere
-    x[:, :, 3:5, 3:5] = 1.0  # a white square
-    out = common.random_shift(x, 2, torch.Generator().manual_seed(0), fill="edge")
-    assert torch.equal(out[:, :, 0, 0], x[:, :, 0, 0])  # the border is the background colour
-    assert (out == 1.0).flatten(1).sum(1).tolist() == [12] * 4  # the whole square in every image
-    assert not all(torch.equal(out[i], x[i]) for i in range(4))  # and moved
