@@ -113,9 +113,10 @@ def parse_args(argv=None):
                    help="local critic: encode-and-dot-product or concat-and-convolve")
     p.add_argument("--local-layer", default="c2", choices=list(common.DCGANEncoder.maps),
                    help="encoder tap giving the local map C(x)")
-    p.add_argument("--shared-dim", type=common.positive_int, default=None,
-                   help="size of S (default: 16 on colorful-digits, 64, the paper's, elsewhere)")
-    p.add_argument("--exclusive-dim", type=common.positive_int, default=4,
+    p.add_argument("--shared-dim", type=common.positive_int, default=16,
+                   help="size of S (paper: 64; whitened, 32 dimensions already held colour, see "
+                        "the docstring)")
+    p.add_argument("--exclusive-dim", type=common.positive_int, default=2,
                    help="size of Z (paper: 8, not whitened; a whitened Z must give every "
                         "direction unit variance, see the docstring)")
     p.add_argument("--shared-local", type=common.nonneg_float, default=1.0,
@@ -129,7 +130,7 @@ def parse_args(argv=None):
                    help="stage 2 weight of the local MI I(C(X); (S_X, Z_X)) (and for Y)")
     p.add_argument("--exclusive-global", type=common.nonneg_float, default=0.5,
                    help="stage 2 weight of the global MI I(X; (S_X, Z_X)) (and for Y)")
-    p.add_argument("--hsic", type=common.nonneg_float, default=30.0,
+    p.add_argument("--hsic", type=common.nonneg_float, default=10.0,
                    help="stage 2 weight h of the normalised HSIC between S and Z that Z minimises "
                         "(Gaussian kernels; not in the paper; see the docstring)")
     p.add_argument("--hsic-batches", type=common.positive_int, default=8,
@@ -138,10 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--adversarial", type=common.nonneg_float, default=0.0,
                    help="stage 2 weight of the paper's GAN loss that drives I(S; Z) down (paper: 0.1; "
                         "off by default, --hsic does it here; see the docstring)")
-    p.add_argument("--shared-norm", default=None, choices=list(NORM_ARCH),
-                   help="S whitened over the batch (common.Whitening; default on colorful-digits), "
-                        "standardised per dimension (BatchNorm without affine; default elsewhere) "
-                        "or left unbounded")
+    p.add_argument("--shared-norm", default="whiten", choices=list(NORM_ARCH),
+                   help="S whitened over the batch (common.Whitening; the default), standardised "
+                        "per dimension (BatchNorm without affine) or left unbounded (the paper)")
     p.add_argument("--exclusive-norm", default="whiten", choices=["none", "whiten"],
                    help="Z left as the encoder gives it or whitened over the batch like S")
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
@@ -162,11 +162,6 @@ def parse_args(argv=None):
         args.exclusive_epochs = args.epochs or {"colorful-digits": 24}.get(args.dataset, 20)
     if args.epochs is None:
         args.epochs = {"colorful-digits": 36}.get(args.dataset, 20)
-    digits = args.dataset == "colorful-digits"
-    if args.shared_dim is None:
-        args.shared_dim = 16 if digits else 64
-    if args.shared_norm is None:
-        args.shared_norm = "whiten" if digits else "batch"
     if args.stage == "2" and not (args.shared_from or args.resume):
         p.error("--stage 2 trains on frozen shared encoders: pass --shared-from RUN/checkpoint.pt "
                 "of a run that did stage 1")

@@ -30,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # method -> (script, flags on the bundled digits, flags on MNIST). DATA is --data-root.
+SE_PROBES = ["--probe", "mlp,whitened-mlp"]
+SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
+            "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0"]
 RECIPES = {
     # DIM on a CPU (docs/dim.md): DIM(L) with a 512-wide critic (paper 2048) for about 4x the
     # steps a minute and 2-px shifts (not in the paper), 620 steps of 64; DIM(G) with the
@@ -40,15 +43,22 @@ RECIPES = {
                                          "--gamma", "0.1", "--batch-size", "256", "--epochs", "40"]),
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
-    "shared_exclusive": ("shared_exclusive.py", [],
-                         ["--dataset", "colorful-mnist", "--data-root", "DATA"]),
+    # shared/exclusive: the MLP probe and the MLP on PCA-whitened codes (what lies in
+    # directions of small variance), in one run
+    "shared_exclusive": ("shared_exclusive.py", SE_PROBES,
+                         ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PROBES]),
+    # the paper's recipe (arXiv:1912.03915 §4): 64-d S and 8-d Z, neither normalised, L1 0.1,
+    # the S-Z adversary at 0.1 and no HSIC
+    "shared_exclusive_paper": ("shared_exclusive.py", [*SE_PAPER, *SE_PROBES],
+                               ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PAPER, *SE_PROBES]),
 }
-SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric
+SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP probe)
     "s_x_digit": "acc_SX_digit", "s_y_digit": "acc_SY_digit",
     "s_x_background": "acc_SX_background", "s_y_foreground": "acc_SY_foreground",
     "z_x_background": "acc_ZX_background", "z_y_foreground": "acc_ZY_foreground",
     "z_x_digit": "acc_ZX_digit", "z_y_digit": "acc_ZY_digit",
 }
+SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
 
 
 def parse_args(argv=None):
@@ -164,7 +174,15 @@ COLUMNS = {  # method -> the metrics its row shows
     "dim_global": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     "infogan": ["cluster_acc"], "infoae": ["cluster_acc"],
     "shared_exclusive": list(SHARED_EXCLUSIVE_KEYS),
+    "shared_exclusive_paper": list(SHARED_EXCLUSIVE_KEYS),
 }
+
+
+def shared_exclusive_cell(m, suffix):
+    """'S digit a / b, S colour c / d, Z colour e / f, Z digit g / h' for X / Y."""
+    pairs = [("S digit", "s_x_digit", "s_y_digit"), ("S colour", "s_x_background", "s_y_foreground"),
+             ("Z colour", "z_x_background", "z_y_foreground"), ("Z digit", "z_x_digit", "z_y_digit")]
+    return ", ".join(f"{name} {m[x + suffix]:.3f} / {m[y + suffix]:.3f}" for name, x, y in pairs)
 
 
 def markdown(results, data_root):
@@ -172,7 +190,9 @@ def markdown(results, data_root):
     for method in RECIPES:
         for seed, m in results.get(method, {}).items():
             cells = [f"failed ({m['error']})"] if "error" in m else []
-            for k in COLUMNS[method] if "error" not in m else []:
+            if method.startswith("shared_exclusive") and "error" not in m:
+                cells = [shared_exclusive_cell(m, "") + "; whitened-mlp " + shared_exclusive_cell(m, "_whitened")]
+            for k in COLUMNS[method] if not cells else []:
                 base = m.get("untrained_" + k)
                 cells.append(f"{k} {m[k]:.3f}" + (f" (untrained {base:.3f})" if base is not None else ""))
             cmd = shlex.join(recipe_command(method, data_root and "DIR", seed))
