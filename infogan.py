@@ -423,11 +423,10 @@ def train(args):
                **{k: stats[k] for k in ("d_loss", "g_gan", "cat_ce", "cont_nll") if k in stats}}
     if args.n_cat:
         accs = cluster_accuracies(encoder, q_head, data, device)
-        run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
-                cluster_acc_random_init=acc_random_init)
         purity = generated_category_purity(generator, codes, data, device)
+        run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
+                cluster_acc_random_init=acc_random_init, generated_category_purity=purity)
         if purity is not None:
-            run.log(step=step, generated_category_purity=purity)
             summary["G's categories as classes"] = purity
         summary["cluster acc (argmax Q)"] = accs[0]
         if acc_random_init is not None:

@@ -126,8 +126,15 @@ def run(cmd, threads, log_path):
 
 
 def last_metrics(run_dir):
+    """The run's end-of-training lines (those after the last epoch's), merged."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return json.loads(f.read().splitlines()[-1])
+        lines = [json.loads(l) for l in f.read().splitlines() if l.strip()]
+    final = {}
+    for line in reversed(lines):
+        if "epoch" in line and final:
+            break
+        final = {**line, **final}
+    return final
 
 
 def probe(checkpoint, threads, log_path, random_init=False):
