@@ -55,7 +55,7 @@ RECIPES = {
     # directions of small variance), in one run
     "shared_exclusive": ("shared_exclusive.py", SE_PROBES,
                          ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PROBES]),
-    # the paper's recipe (arXiv:1912.03915 §4): 64-d S and 8-d Z, neither normalised, L1 0.1,
+    # the paper's recipe (arXiv:1912.03915): 64-d S and 8-d Z, neither normalised, L1 0.1,
     # the S-Z adversary at 0.1 and no HSIC
     "shared_exclusive_paper": ("shared_exclusive.py", [*SE_PAPER, *SE_PROBES],
                                ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PAPER, *SE_PROBES]),
