@@ -243,7 +243,7 @@ def merge(paths):
 
 def print_table(results, data_root, out):
     env = results["environment"]
-    print(f"\n{results['dataset']}; CPU, {env['threads']} threads, torch {env['torch']}\n")
+    print(f"\n{results['dataset']}; CPU, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, torch {env['torch']}\n")
     print(markdown(results, data_root))
     print(f"\nwrote {out}")
 
