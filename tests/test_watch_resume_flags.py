@@ -151,7 +151,8 @@ def parser_of(script, argv=()):
 
 
 VALIDATORS = {common.positive_int, common.nonneg_int, common.batch_size_int, common.positive_float,
-              common.nonneg_float, common.probability, common.adam_beta}
+              common.nonneg_float, common.probability, common.adam_beta,
+              shared_exclusive.probe_list}  # --probe: names from a list, so -1, nan, seven are bad too
 
 
 def numeric_flags(parser):
