@@ -30,7 +30,7 @@ Where this script fills gaps in or departs from the paper (the measurements behi
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Stage 2's global/local weights are not given; they default to stage 1's (local 1, global
   0.5). All weights are flags.
-- S is whitened over the batch (common.Whitening; left unbounded as in the paper, `--shared-norm
+- S is whitened over the batch (common.Whitening; unbounded as in the paper, `--shared-norm
   none`, the L1 term is paid off by shrinking S, not by removing colour), and 16-d, not the
   paper's 64: on colourful-MNIST a whitened 32-d S already read the background at 0.65.
 - The L1 term (summed over the code, averaged over the batch) has weight 3.0, not the
