@@ -188,9 +188,7 @@ COLUMNS = {  # method -> the metrics its row shows
     "dim_local": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     "dim_global": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     "infogan": ["cluster_acc"], "infoae": ["cluster_acc"], "infoae_paper": ["cluster_acc"],
-    "shared_exclusive": list(SHARED_EXCLUSIVE_KEYS),
-    "shared_exclusive_paper": list(SHARED_EXCLUSIVE_KEYS),
-}
+}  # shared_exclusive's rows: shared_exclusive_cell
 
 
 def shared_exclusive_cell(m, suffix):
