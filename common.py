@@ -293,6 +293,31 @@ def random_shift(x, max_shift, generator=None):
     return padded.gather(2, rows).gather(3, cols)
 
 
+def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, generator=None):
+    """Each image warped by its own random rotation (up to max_rotate degrees either way),
+    scaling of its width and of its height (each by 1 +- max_scale) and shift (up to
+    max_shift of the half-width, 1.6 pixels of 32); what enters the frame is background, -1
+    (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
+    proportions: a 1 that leans or is wide stays a 1. Draws from `generator` (a CPU one)
+    where given, else from the global generator on x's device."""
+    n = len(x)
+
+    def uniform(*shape):  # in [-1, 1)
+        if generator is None:
+            return torch.rand(*shape, device=x.device) * 2 - 1
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(x.device)
+
+    angle = uniform(n) * max_rotate * torch.pi / 180
+    scale = 1 + uniform(n, 2) * max_scale  # width, height apart
+    shift = uniform(n, 2) * max_shift
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sx, sy = scale[:, 0], scale[:, 1]
+    theta = torch.stack([torch.stack([cos / sx, -sin / sy, shift[:, 0]], 1),
+                         torch.stack([sin / sx, cos / sy, shift[:, 1]], 1)], 1)  # (N, 2, 3)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
+
+
 def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
     """Index tensors of one pass over n examples. Under torchrun every rank draws the same
     order (same generator seed) and takes its own slice, so all see the same number of batches."""

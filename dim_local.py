@@ -25,6 +25,9 @@ Where this script fills gaps in or departs from the paper:
   paper's raw dot product): raw 2048-d products spread by about 12 at initialisation, so
   infoNCE's softmax over ~4,000 candidates starts saturated and learns only from the largest.
 - `--shift K` (off by default, as in the paper) translates training images by up to K px.
+- `--cross-view shift|warp` (off by default) computes y from a second, independently shifted
+  or warped view of each image, so y must hold what the two views share, not where the
+  pixels fall (as in AMDIM, Bachman et al. 2019, arXiv:1906.00910).
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
 - Prior matching uses the non-saturating GAN loss for the encoder (the paper's Eq. 7 is the
@@ -48,8 +51,9 @@ Extensions (off by default; paper Tables 3 and 5, App. A.7):
   map outside a random rectangle of the M x M grid (sides drawn from [M/4, M-1]) and running
   the rest of the encoder on it; each is scored against the full local map by the same local
   critic and added to the local term (beta * mean over the K features).
-- Extra encoder passes (occluded inputs, masked maps) leave BatchNorm running statistics as
-  they were, so the test-time encoder is normalised for full images only.
+- Extra encoder passes (--cross-view's second view, occluded inputs, masked maps) leave
+  BatchNorm running statistics as they were, so the test-time encoder is normalised for
+  full images only.
 """
 import math
 import time
@@ -92,6 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=common.nonneg_int, default=0, metavar="K",
                    help="translate each training image by up to K pixels (0: no augmentation, "
                         "as in the paper outside STL-10)")
+    p.add_argument("--cross-view", default="none", choices=["none", "shift", "warp"],
+                   help="compute y from a second view of each image (not in the paper; two "
+                        "encoder passes per step): shift: shifted again by up to --shift px; "
+                        "warp: rotated up to 25 degrees, scaled by up to 20%%, shifted 1.6 px")
     p.add_argument("--occlude", action="store_true",
                    help="compute y from randomly occluded inputs, local features from the full "
                         "input (Table 5; two encoder passes per step)")
@@ -110,6 +118,8 @@ def parse_args(argv=None):
         args.score_scale = args.embed_dim ** -0.5
     if args.alpha == args.beta == 0:
         p.error("--alpha and --beta are both 0: nothing would maximise MI")
+    if args.cross_view == "shift" and args.shift == 0:
+        p.error("--cross-view shift draws a second shift per image: it needs --shift > 0")
     if args.multi_global and args.beta == 0:
         p.error("--multi-global scores features with the local critic: it needs --beta > 0")
     return args
@@ -257,17 +267,24 @@ def train(args):
                               total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
                               desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
         for x, _ in bar:
-            x = common.random_shift(x, args.shift, gen)
+            x, x_y = common.random_shift(x, args.shift, gen), x  # x: what every term but y reads
+            x_y = (common.random_shift(x_y, args.shift, gen) if args.cross_view == "shift" else
+                   common.random_affine(x_y, generator=gen) if args.cross_view == "warp" else x)
+            if x_y is not x and step == 0 and rank == 0:  # each image beside its second view
+                common.save_image_grid(torch.stack((x[:32], x_y[:32]), 1).flatten(0, 1),
+                                       run.path("views.png"), 8)
             with common.autocast(device, args.amp):
                 out = enc(x)
-                y = out["y"]  # (N, y_dim): the global feature E(x)
                 local_map = out[local_layer]  # (N, C, M, M): C(x), always from the full input
-                if args.occlude:  # y from the occluded input, everything else from the full one
-                    x_occluded = occlude(x, fields, disjoint_pairs, block, args.occlude_p)
-                    with common.keep_bn_stats(encoder):
-                        y = enc(x_occluded)["y"]
+                if args.occlude:  # y from an occluded input, everything else from the full one
+                    x_y = occlude(x_y, fields, disjoint_pairs, block, args.occlude_p)
                     if step == 0 and rank == 0:
-                        common.save_image_grid(x_occluded[:64], run.path("occlusions.png"), 8)
+                        common.save_image_grid(x_y[:64], run.path("occlusions.png"), 8)
+                if x_y is x:
+                    y = out["y"]  # (N, y_dim): the global feature E(x)
+                else:  # a second pass, which leaves BatchNorm's statistics to the first
+                    with common.keep_bn_stats(encoder):
+                        y = enc(x_y)["y"]
                 loss = torch.zeros((), device=device)
                 logs = {}
                 if args.alpha > 0:

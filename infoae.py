@@ -283,24 +283,6 @@ def sample_prior(n, z_dim, z_scale, n_categories, device):
     return z, c
 
 
-def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1):
-    """Each image warped by its own random rotation (up to max_rotate degrees either way),
-    scaling of its width and of its height (each by 1 +- max_scale) and shift (up to
-    max_shift of the half-width, 1.6 pixels of 32); what enters the frame is background, -1
-    (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
-    proportions: a 1 that leans or is wide stays a 1."""
-    n = len(x)
-    angle = (torch.rand(n, device=x.device) * 2 - 1) * max_rotate * torch.pi / 180
-    scale = 1 + (torch.rand(n, 2, device=x.device) * 2 - 1) * max_scale  # width, height apart
-    shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * max_shift
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    sx, sy = scale[:, 0], scale[:, 1]
-    theta = torch.stack([torch.stack([cos / sx, -sin / sy, shift[:, 0]], 1),
-                         torch.stack([sin / sx, cos / sy, shift[:, 1]], 1)], 1)  # (N, 2, 3)
-    grid = F.affine_grid(theta, x.shape, align_corners=False)
-    return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
-
-
 def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
     """IIC's objective (Ji et al. 2019, arXiv:1807.06653) between the clusters y of an image
     and y' of its warped copy: balance * (H(y) + H(y')) - H(y, y'), from the batch's joint
@@ -346,7 +328,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     E, Dec, G, C = (nets[k] for k in MIN_PLAYERS)
     Dis, SC, LC = (nets[k] for k in CRITICS)
     onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
-    x_warped = random_affine(x) if clustering else None  # before the noise: same warps at any sigma
+    x_warped = common.random_affine(x) if clustering else None  # before the noise: same warps at any sigma
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images

@@ -119,6 +119,14 @@ def test_each_flag_adds_its_term_to_the_loss(tmp_path, monkeypatch):
     assert abs(occluded["local_mi"] - base["local_mi"]) > 1e-3  # same init and batch, other y
     assert os.path.exists(run.path("occlusions.png"))
 
+    shifted, run = first_step(tmp_path / "shift", "--shift", "2")
+    bn = lambda r: common.load_checkpoint(r.path("checkpoint.pt"))["encoder"]["c1.1.running_mean"]
+    for view in ("shift", "warp"):
+        crossed, run_x = first_step(tmp_path / view, "--shift", "2", "--cross-view", view)
+        assert abs(crossed["local_mi"] - shifted["local_mi"]) > 1e-3  # same batch and C(x), other y
+        assert torch.equal(bn(run), bn(run_x))  # the second view's pass leaves BatchNorm's statistics
+        assert os.path.exists(run_x.path("views.png"))
+
     coord, _ = first_step(tmp_path / "coord", "--coord", "both", "--coord-weight", "0.5")
     assert coord["coord_abs"] == pytest.approx(2 * math.log(8), abs=0.5)
     assert coord["coord_rel"] == pytest.approx(2 * math.log(15), abs=0.5)
@@ -138,7 +146,7 @@ def test_each_flag_adds_its_term_to_the_loss(tmp_path, monkeypatch):
 
 def test_bad_flag_combinations_fail_with_one_line():
     for argv in (["--multi-global", "2", "--beta", "0", "--alpha", "1"], ["--occlude-p", "2"],
-                 ["--multi-global", "-1"]):
+                 ["--multi-global", "-1"], ["--cross-view", "shift"], ["--cross-view", "crop"]):
         with pytest.raises(SystemExit) as e:
             dim_local.parse_args(argv)
         assert e.value.code == 2

@@ -284,7 +284,7 @@ def test_latent_critic_and_encoder_and_generator_play_their_sides(digits):
 def test_random_affine_warps_each_digit_a_little(digits):
     x = digits.preprocess(digits.train_x[:64], train=True)
     torch.manual_seed(0)
-    w = infoae.random_affine(x)
+    w = common.random_affine(x)
     assert w.shape == x.shape and w.dtype == x.dtype
     assert w.min() >= -1 - 1e-5 and w.max() <= 1 + 1e-5  # still images in [-1, 1]
     moved = (w - x).abs().flatten(1).mean(1)
@@ -304,11 +304,11 @@ def test_random_affine_warps_each_digit_a_little(digits):
         pos = torch.arange(32.0).view(*([1, 1, 32] if dim == 3 else [1, 32, 1]))
         mean = (ink * pos).sum((1, 2)) / ink.sum((1, 2))
         return (ink * (pos - mean.view(-1, 1, 1)) ** 2).sum((1, 2)) / ink.sum((1, 2))
-    scaled = infoae.random_affine(blob, max_rotate=0.0, max_shift=0.0)
+    scaled = common.random_affine(blob, max_rotate=0.0, max_shift=0.0)
     wide, tall = spread(scaled, 3) / spread(blob, 3), spread(scaled, 2) / spread(blob, 2)
     assert (wide - tall).abs().mean() > 0.1 and (wide - 1).abs().max() < 0.5
     # no warp at all: the image itself
-    same = infoae.random_affine(x, max_rotate=0.0, max_scale=0.0, max_shift=0.0)
+    same = common.random_affine(x, max_rotate=0.0, max_scale=0.0, max_shift=0.0)
     assert torch.allclose(same, x, atol=1e-5)
 
 
@@ -343,7 +343,7 @@ def test_clustering_term_makes_warped_views_agree(digits):
         torch.manual_seed(7)
         with torch.no_grad():
             C, E = nets["classifier"], nets["encoder"]
-            logits, logits_w = C(E(x)["y"]), C(E(infoae.random_affine(x))["y"])
+            logits, logits_w = C(E(x)["y"]), C(E(common.random_affine(x))["y"])
             p, q = logits.argmax(1), logits_w.argmax(1)
             return (float((p == q).float().mean()), len(p.unique()),
                     float(infoae.cluster_information(logits, logits_w)))
