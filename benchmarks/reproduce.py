@@ -39,15 +39,16 @@ SE_PROBES = ["--probe", "mlp,whitened-mlp"]
 SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
             "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0"]
 RECIPES = {
-    # DIM on a CPU (docs/dim.md): DIM(L) with a 512-wide critic (paper 2048) for about 4x the
-    # steps a minute, 2-px shifts and y from a warped second view (neither in the paper) and
-    # no prior term (paper 0.1), 620 steps of 64; DIM(G) with the prior's weight at 0.1
-    # (paper 1) and batches of 256 (paper 64: log 64 caps its bound)
+    # DIM on a CPU (docs/dim.md): both with 2-px shifts and y from a warped second view
+    # (neither in the paper) and no prior term (paper 0.1 for DIM(L), 1 for DIM(G)); DIM(L)
+    # with a 512-wide critic (paper 2048) for about 4x the steps a minute, 620 steps of 64;
+    # DIM(G) with batches of 256 (paper 64: log 64 caps its bound), 280 steps
     "dim_local": ("dim_local.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--embed-dim", "512",
                                        "--shift", "2", "--cross-view", "warp", "--gamma", "0",
                                        "--epochs", "20"]),
-    "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA",
-                                         "--gamma", "0.1", "--batch-size", "256", "--epochs", "40"]),
+    "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--shift", "2",
+                                         "--cross-view", "warp", "--gamma", "0", "--batch-size", "256",
+                                         "--epochs", "40"]),
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     # InfoAE on MNIST with the digits' additions and widths (at the paper's 64 / 512 an epoch took
     # about 6x as long here); infoae_paper: the paper's losses alone, the same widths
