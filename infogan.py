@@ -38,6 +38,10 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   those of the real training images (training leaves averages of real and fake batches);
   cluster_acc_mixed_bn logs it with the training statistics.
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
+- `--warp` (off by default) passes every image D and Q read, real and generated, through its
+  own random affine warp, as in differentiable augmentation for GANs (Zhao et al. 2020,
+  arXiv:2006.10738): a category G could carry in pose alone (two slants of 1) no longer
+  survives to Q, and D cannot learn the small training set by heart.
 - The continuous codes' Gaussian learns its log-variance, clamped to [-8, 4]
   (--learn-cont-var 0: unit variance, as in the authors' MNIST code).
 - Traversal grid (paper Fig. 2): one fixed z, one row per value of the first categorical
@@ -81,6 +85,10 @@ def parse_args(argv=None):
                    help="std of Gaussian noise added to the images D and Q read (real and fake), "
                         "annealed linearly to 0 over the run; default 0 as in the paper, "
                         "1 on digits")
+    p.add_argument("--warp", action="store_true",
+                   help="D and Q read every image, real and generated, through its own random "
+                        "affine warp (rotated up to 25 degrees, scaled by up to 20%%, shifted "
+                        "1.6 px; not in the paper), so c_cat must survive a change of pose")
     p.add_argument("--learn-cont-var", type=int, default=1, choices=[0, 1],
                    help="1: Q's Gaussian for the continuous codes learns its variance; "
                         "0: unit variance")
@@ -359,11 +367,16 @@ def train(args):
             n = len(x)
             z, cat, cont = codes.sample(n, device, generator=noise_gen)
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
+
+            def seen(images):  # what D and Q read: warped (--warp), then noised (--instance-noise)
+                images = common.random_affine(images, generator=noise_gen) if args.warp else images
+                return common.instance_noise(images, sigma, noise_gen)
+
             # D and Q: real vs detached fake in one batch (shared BatchNorm statistics), and
             # recover the fake's codes
             with common.autocast(device, args.amp):
                 fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
-                out = enc(common.instance_noise(torch.cat([x, fake.detach()]), sigma, noise_gen))
+                out = enc(seen(torch.cat([x, fake.detach()])))
                 d_real, d_fake = d_net(out["fc"]).float().split(n)
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 i_loss, ce, nll = info_loss(q_net(out["y"][n:]), cat, cont, **lam)
@@ -375,7 +388,7 @@ def train(args):
 
             # G: fool D (non-saturating) and make the codes recoverable by Q
             with common.frozen(encoder, d_head, q_head), common.autocast(device, args.amp):
-                out = enc_g(common.instance_noise(torch.cat([x, fake]), sigma, noise_gen))  # as D saw it
+                out = enc_g(seen(torch.cat([x, fake])))  # as D saw it, with new draws
                 g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
                 g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
                 g_loss = g_gan + g_info

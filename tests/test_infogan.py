@@ -182,6 +182,16 @@ def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():
     assert abs(noisy.mean().item()) < 0.01
 
 
+def test_warp_changes_what_d_and_q_read(tmp_path):
+    flags = ["--no-progress", "--max-steps", "1", "--epochs", "1", "--eval-every", "0",
+             "--instance-noise", "0", "--image-every", "100"]
+    first = lambda name, *extra: [json.loads(l) for l in open(infogan.main(
+        flags + ["--out-dir", str(tmp_path / name), *extra]).metrics_path) if "epoch" in l][0]
+    plain, warped = first("plain"), first("warp", "--warp")
+    assert warped["d_loss"] != pytest.approx(plain["d_loss"], abs=1e-4)  # same batch, other views
+    assert all(math.isfinite(v) for v in warped.values())
+
+
 class ClassMeanGenerator(torch.nn.Module):
     """Draws the mean real image of class mapping[c] for category c, whatever z is."""
 
