@@ -42,13 +42,13 @@ RECIPES = {
     # DIM on a CPU (docs/dim.md): both with 2-px shifts and y from a warped second view
     # (neither in the paper) and no prior term (paper 0.1 for DIM(L), 1 for DIM(G)); DIM(L)
     # with a 512-wide critic (paper 2048) for about 4x the steps a minute, 620 steps of 64;
-    # DIM(G) with batches of 256 (paper 64: log 64 caps its bound), 280 steps
+    # DIM(G) with batches of 256 (paper 64: log 64 caps its bound), 140 steps
     "dim_local": ("dim_local.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--embed-dim", "512",
                                        "--shift", "2", "--cross-view", "warp", "--gamma", "0",
                                        "--epochs", "20"]),
     "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--shift", "2",
                                          "--cross-view", "warp", "--gamma", "0", "--batch-size", "256",
-                                         "--epochs", "40"]),
+                                         "--epochs", "20"]),
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     # InfoAE on MNIST with the digits' additions and widths (at 64 / 512 an epoch took about 6x
     # as long here), the clustering term at 16 and 4,960 steps; infoae_paper: the paper's
