@@ -266,10 +266,11 @@ def train(args):
                                            drop_last=True, rank=rank, world_size=world),
                               total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
                               desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
-        for x, _ in bar:
-            x, x_y = common.random_shift(x, args.shift, gen), x  # x: what every term but y reads
-            x_y = (common.random_shift(x_y, args.shift, gen) if args.cross_view == "shift" else
-                   common.random_affine(x_y, generator=gen) if args.cross_view == "warp" else x)
+        for batch, _ in bar:
+            x = common.random_shift(batch, args.shift, gen)  # what every term but y reads
+            x_y = (common.random_shift(batch, args.shift, gen) if args.cross_view == "shift" else
+                   common.random_affine(batch, generator=gen) if args.cross_view == "warp" else
+                   x)  # the view y is computed from
             if x_y is not x and step == 0 and rank == 0:  # each image beside its second view
                 common.save_image_grid(torch.stack((x[:32], x_y[:32]), 1).flatten(0, 1),
                                        run.path("views.png"), 8)
