@@ -19,7 +19,9 @@ script with DIM(L)'s defaults, so `diff dim_local.py dim_global.py` shows only t
 
 `torchrun --nproc_per_node=K dim_global.py --device cuda` trains with DDP: --batch-size is the
 global batch and negatives are gathered from every process, so the bound is one process's.
-The recipe for real digits on a CPU is in benchmarks/reproduce.py; results in docs/dim.md.
+The recipe for real digits on a CPU (benchmarks/reproduce.py) departs from the paper by
+`--batch-size 256 --shift 2 --cross-view warp --gamma 0`: without a second view y carried
+the strokes' placement rather than the digit (k-NN 0.83 on real MNIST); docs/dim.md.
 
 Where this script fills gaps in or departs from the paper:
 - The dot critic's scores are <g, l> / sqrt(E) for E = --embed-dim (`--score-scale 1` is the
