@@ -18,18 +18,16 @@ defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
 
 `torchrun --nproc_per_node=K dim_local.py --device cuda` trains with DDP: --batch-size is the
 global batch and negatives are gathered from every process, so the bound is one process's.
-The recipe for real digits on a CPU (benchmarks/reproduce.py) departs from the paper by
-`--embed-dim 512 --shift 2 --cross-view warp --gamma 0`: without a second view y carried
-the strokes' placement rather than the digit (k-NN 0.83 on real MNIST); docs/dim.md.
+The CPU recipe for real digits (benchmarks/reproduce.py) adds `--embed-dim 512 --shift 2
+--cross-view warp --gamma 0`; why, with the measurements: docs/dim.md.
 
 Where this script fills gaps in or departs from the paper:
 - The dot critic's scores are <g, l> / sqrt(E) for E = --embed-dim (`--score-scale 1` is the
   paper's raw dot product): raw 2048-d products spread by about 12 at initialisation, so
   infoNCE's softmax over ~4,000 candidates starts saturated and learns only from the largest.
 - `--shift K` (off by default, as in the paper) translates training images by up to K px.
-- `--cross-view shift|warp` (off by default) computes y from a second, independently shifted
-  or warped view of each image, so y must hold what the two views share, not where the
-  pixels fall (as in AMDIM, Bachman et al. 2019, arXiv:1906.00910).
+- `--cross-view shift|warp` (off by default): y from a second, independently shifted or
+  warped view of each image, as in AMDIM (Bachman et al. 2019, arXiv:1906.00910).
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
 - Prior matching uses the non-saturating GAN loss for the encoder (the paper's Eq. 7 is the
@@ -53,9 +51,8 @@ Extensions (off by default; paper Tables 3 and 5, App. A.7):
   map outside a random rectangle of the M x M grid (sides drawn from [M/4, M-1]) and running
   the rest of the encoder on it; each is scored against the full local map by the same local
   critic and added to the local term (beta * mean over the K features).
-- Extra encoder passes (--cross-view's second view, occluded inputs, masked maps) leave
-  BatchNorm running statistics as they were, so the test-time encoder is normalised for
-  full images only.
+- Extra passes (--cross-view, occluded inputs, masked maps) leave BatchNorm's running
+  statistics as they were, so the test-time encoder is normalised for full images only.
 """
 import math
 import time
