@@ -30,11 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # method -> (script, flags on the bundled digits, flags on MNIST). DATA is --data-root.
-IA_ADDITIONS = ["--latent-adv", "1", "--latent-adv-gen", "1", "--instance-noise", "1",
-                "--beta", "2"]  # infoae.py's defaults on the digits, but for --cluster-mi 4
 IA_PAPER = ["--latent-adv", "0", "--latent-adv-gen", "0", "--instance-noise", "0", "--cluster-mi", "0",
-            "--beta", "1"]  # infoae.py's defaults elsewhere
-IA_NARROW = ["--width", "16", "--hidden", "256"]
+            "--beta", "1"]  # infoae.py's defaults on datasets other than digits and MNIST
 SE_PROBES = ["--probe", "mlp,whitened-mlp"]
 SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
             "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0"]
@@ -50,12 +47,10 @@ RECIPES = {
                                          "--cross-view", "warp", "--gamma", "0", "--batch-size", "256",
                                          "--epochs", "20"]),
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
-    # InfoAE on MNIST with the digits' additions and widths (at 64 / 512 an epoch took about 6x
-    # as long here), the clustering term at 16 and 4,960 steps; infoae_paper: the paper's
-    # losses alone, the same widths, 2,480 steps
-    "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA", *IA_ADDITIONS,
-                                 "--cluster-mi", "16", *IA_NARROW, "--epochs", "80"]),
-    "infoae_paper": ("infoae.py", IA_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IA_NARROW,
+    # InfoAE: infoae.py's MNIST defaults (the additions, the clustering term at 16, widths 16 /
+    # 256, 4,960 steps); infoae_paper: the paper's losses alone, the same widths, 2,480 steps
+    "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
+    "infoae_paper": ("infoae.py", IA_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IA_PAPER,
                                              "--epochs", "40"]),
     # shared/exclusive: the MLP probe and the MLP on PCA-whitened codes (what lies in
     # directions of small variance), in one run
