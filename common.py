@@ -986,6 +986,21 @@ def dv_bound(scores):
 BOUNDS = {"jsd": jsd_bound, "infonce": infonce_bound, "dv": dv_bound}
 
 
+def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
+    """IIC's objective (Ji et al. 2019, arXiv:1807.06653) between the clusters y of an image
+    and y' of its warped copy: balance * (H(y) + H(y')) - H(y, y'), from the batch's joint
+    P(y, y') = mean of softmax(logits)^T softmax(logits_warped), symmetrised; at balance 1 it
+    is the mutual information I(y; y'). It is high when each image gets one confident cluster,
+    the same for both views, and the batch uses every cluster equally; a balance above 1
+    (IIC's lambda) weighs that last part more."""
+    p, q = logits.softmax(1), logits_warped.softmax(1)
+    joint = (p.t() @ q).float() / len(p)  # (K, K); in float32 under --amp, for the logs
+    joint = ((joint + joint.t()) / 2).clamp_min(eps)
+    marg = joint.sum(1)  # P(y) = P(y'), the joint being symmetric
+    return (joint * (joint.log() - balance * marg[:, None].log()
+                     - balance * marg[None, :].log())).sum()
+
+
 # ----------------------------------------------------------------------------------------
 # Critics, and prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
 # ----------------------------------------------------------------------------------------

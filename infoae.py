@@ -299,21 +299,6 @@ def sample_prior(n, z_dim, z_scale, n_categories, device):
     return z, c
 
 
-def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
-    """IIC's objective (Ji et al. 2019, arXiv:1807.06653) between the clusters y of an image
-    and y' of its warped copy: balance * (H(y) + H(y')) - H(y, y'), from the batch's joint
-    P(y, y') = mean of softmax(logits)^T softmax(logits_warped), symmetrised; at balance 1 it
-    is the mutual information I(y; y'). It is high when each image gets one confident cluster,
-    the same for both views, and the batch uses every cluster equally; a balance above 1
-    (IIC's lambda) weighs that last part more."""
-    p, q = logits.softmax(1), logits_warped.softmax(1)
-    joint = (p.t() @ q).float() / len(p)  # (K, K); in float32 under --amp, for the logs
-    joint = ((joint + joint.t()) / 2).clamp_min(eps)
-    marg = joint.sum(1)  # P(y) = P(y'), the joint being symmetric
-    return (joint * (joint.log() - balance * marg[:, None].log()
-                     - balance * marg[None, :].log())).sum()
-
-
 def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. With l_g = G(z, c),
@@ -334,7 +319,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
     Nothing is detached between them: Dec "also maximises the mutual information between the
     condition and the generated samples" (§2) through cls_enc, as InfoGAN's generator does.
     sigma: instance noise on the images Dis reads and on the generated images E reads (not
-    on E's real images). balance: IIC's lambda in clu_mi (cluster_information);
+    on E's real images). balance: IIC's lambda in clu_mi (common.cluster_information);
     clustering=False leaves clu_mi out (its weight is 0), which spares the warp and E's pass
     over the warped images.
 
@@ -362,7 +347,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True):
             "gen_lat": F.softplus(LC(l_g)).mean(),
         }
         if clustering:
-            terms["clu_mi"] = -cluster_information(C(l_e), C(E(x_warped)["y"]), balance)
+            terms["clu_mi"] = -common.cluster_information(C(l_e), C(E(x_warped)["y"]), balance)
     return terms, {"onehot": onehot, "l_g": l_g, "x_g": x_g, "x_r": x_r, "l_ge": l_ge, "l_e": l_e}
 
 

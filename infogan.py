@@ -42,6 +42,9 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   own random affine warp, as in differentiable augmentation for GANs (Zhao et al. 2020,
   arXiv:2006.10738): a category G could carry in pose alone (two slants of 1) no longer
   survives to Q, and D cannot learn the small training set by heart.
+- `--cluster-mi` (off by default) adds IIC's clustering objective (Ji et al. 2019,
+  arXiv:1807.06653) to D and Q's step: Q's categories of a real image and of its warped copy
+  must agree and use every category, so Q learns the real digits, not only G's drawings.
 - The continuous codes' Gaussian learns its log-variance, clamped to [-8, 4]
   (--learn-cont-var 0: unit variance, as in the authors' MNIST code).
 - Traversal grid (paper Fig. 2): one fixed z, one row per value of the first categorical
@@ -89,6 +92,14 @@ def parse_args(argv=None):
                    help="D and Q read every image, real and generated, through its own random "
                         "affine warp (rotated up to 25 degrees, scaled by up to 20%%, shifted "
                         "1.6 px; not in the paper), so c_cat must survive a change of pose")
+    p.add_argument("--cluster-mi", type=common.nonneg_float, default=0.0,
+                   help="weight of a clustering term on real images in D and Q's step (not in "
+                        "the paper; IIC, Ji et al. 2019): Q(c_cat | x) and Q(c_cat | t(x)), t a "
+                        "random affine warp, must agree and use every category; 0 (the paper) "
+                        "leaves it out")
+    p.add_argument("--cluster-balance", type=common.nonneg_float, default=2.0,
+                   help="IIC's lambda in that term: weight of the categories' marginal entropies "
+                        "against their joint entropy over the two views (1: the mutual information)")
     p.add_argument("--learn-cont-var", type=int, default=1, choices=[0, 1],
                    help="1: Q's Gaussian for the continuous codes learns its variance; "
                         "0: unit variance")
@@ -205,6 +216,14 @@ def info_loss(q_out, cat, cont, lambda_cat, lambda_cont):
     nll = ((0.5 * (logvar + np.log(2 * np.pi) + (cont - mu) ** 2 / logvar.exp())).sum(1).mean()
            if cont.shape[1] else zero)
     return lambda_cat * ce + lambda_cont * nll, ce, nll
+
+
+def clustering_loss(logits, logits_warped, balance):
+    """--cluster-mi's term: minus IIC's objective (common.cluster_information) between Q's
+    categories of real images and of their warped copies, summed over the categorical codes;
+    logits are (N, n_cat, K). Not in the paper."""
+    return -sum(common.cluster_information(logits[:, i], logits_warped[:, i], balance)
+                for i in range(logits.shape[1]))
 
 
 def traversal_inputs(codes, z, steps, lo=-2.0, hi=2.0):
@@ -376,11 +395,18 @@ def train(args):
             # recover the fake's codes
             with common.autocast(device, args.amp):
                 fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
-                out = enc(seen(torch.cat([x, fake.detach()])))
-                d_real, d_fake = d_net(out["fc"]).float().split(n)
+                warped = [common.random_affine(x, generator=noise_gen)] if args.cluster_mi else []
+                out = enc(seen(torch.cat([x, fake.detach(), *warped])))
+                d_real, d_fake = d_net(out["fc"][:2 * n]).float().split(n)
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-                i_loss, ce, nll = info_loss(q_net(out["y"][n:]), cat, cont, **lam)
+                # Q reads the real images and their warps only for the clustering term
+                q_out = q_net(out["y"] if args.cluster_mi else out["y"][n:])
+                q_fake = tuple(t[n:2 * n] for t in q_out) if args.cluster_mi else q_out
+                i_loss, ce, nll = info_loss(q_fake, cat, cont, **lam)
                 dq_loss = d_loss + i_loss
+                if args.cluster_mi:
+                    clu_mi = clustering_loss(q_out[0][:n], q_out[0][2 * n:], args.cluster_balance)
+                    dq_loss = dq_loss + args.cluster_mi * clu_mi
             common.check_finite(dq_loss, step, "D and Q's loss", NAN_HINT)
             optimizers["opt_dq"].zero_grad(set_to_none=True)
             dq_loss.backward()
@@ -402,6 +428,8 @@ def train(args):
             logs = {"d_loss": d_loss, "g_gan": g_gan, "info_loss": i_loss, "cat_ce": ce,
                     "cont_nll": nll, "d_real": torch.sigmoid(d_real).mean(),
                     "d_fake": torch.sigmoid(d_fake).mean()}
+            if args.cluster_mi:
+                logs["clu_mi"] = clu_mi
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_gan.item():.3f}", ce=f"{ce.item():.3f}", **shown)

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -196,3 +197,21 @@ def test_random_affine_warps_each_digit_a_little():
     assert leaf.grad.abs().sum() > 0 and leaf.grad[:, :, 14:18, 14:18].abs().min() > 0
 
 
+def test_cluster_information_values():
+    k, n = 10, 2000
+    y = torch.arange(n) % k
+    sure = F.one_hot(y, k).float() * 50  # confident logits
+    log_k = torch.log(torch.tensor(float(k)))
+    # one confident cluster each, the same for both views, all used equally: I = log K
+    assert torch.allclose(common.cluster_information(sure, sure), log_k, atol=1e-3)
+    # views whose clusters are unrelated (each warped copy in a random cluster): ~0; so is
+    # an uninformative C
+    torch.manual_seed(0)
+    assert common.cluster_information(sure, sure[torch.randperm(n)]) < 0.05 * log_k
+    assert abs(float(common.cluster_information(torch.zeros(n, k), torch.zeros(n, k)))) < 1e-4
+    # all in one cluster: agree, but no information
+    one = torch.zeros(n, k)
+    one[:, 0] = 50
+    assert abs(float(common.cluster_information(one, one))) < 1e-3
+    # balance (IIC's lambda) 2 adds H(y) + H(y') = 2 log K on balanced clusters
+    assert torch.allclose(common.cluster_information(sure, sure, balance=2.0), 3 * log_k, atol=1e-3)

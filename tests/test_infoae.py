@@ -281,26 +281,6 @@ def test_latent_critic_and_encoder_and_generator_play_their_sides(digits):
     assert logits()[0] == pytest.approx(on_e)
 
 
-def test_cluster_information_values():
-    k, n = 10, 2000
-    y = torch.arange(n) % k
-    sure = F.one_hot(y, k).float() * 50  # confident logits
-    log_k = torch.log(torch.tensor(float(k)))
-    # one confident cluster each, the same for both views, all used equally: I = log K
-    assert torch.allclose(infoae.cluster_information(sure, sure), log_k, atol=1e-3)
-    # views whose clusters are unrelated (each warped copy in a random cluster): ~0; so is
-    # an uninformative C
-    torch.manual_seed(0)
-    assert infoae.cluster_information(sure, sure[torch.randperm(n)]) < 0.05 * log_k
-    assert abs(float(infoae.cluster_information(torch.zeros(n, k), torch.zeros(n, k)))) < 1e-4
-    # all in one cluster: agree, but no information
-    one = torch.zeros(n, k)
-    one[:, 0] = 50
-    assert abs(float(infoae.cluster_information(one, one))) < 1e-3
-    # balance (IIC's lambda) 2 adds H(y) + H(y') = 2 log K on balanced clusters
-    assert torch.allclose(infoae.cluster_information(sure, sure, balance=2.0), 3 * log_k, atol=1e-3)
-
-
 def test_clustering_term_makes_warped_views_agree(digits):
     # clu_mi alone, into E and C: C(E(x)) and C(E(t(x))) come to agree and spread over the
     # categories (minus the IIC objective falls, so the objective itself rises)
@@ -315,7 +295,7 @@ def test_clustering_term_makes_warped_views_agree(digits):
             logits, logits_w = C(E(x)["y"]), C(E(common.random_affine(x))["y"])
             p, q = logits.argmax(1), logits_w.argmax(1)
             return (float((p == q).float().mean()), len(p.unique()),
-                    float(infoae.cluster_information(logits, logits_w)))
+                    float(common.cluster_information(logits, logits_w)))
     _, _, info_before = measure()
     g = nets["generator"].net[0].weight.clone()
     steps_on("clu_mi", nets, lambda i: (x, z, c), 60)

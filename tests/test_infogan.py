@@ -190,6 +190,10 @@ def test_warp_changes_what_d_and_q_read(tmp_path):
     plain, warped = first("plain"), first("warp", "--warp")
     assert warped["d_loss"] != pytest.approx(plain["d_loss"], abs=1e-4)  # same batch, other views
     assert all(math.isfinite(v) for v in warped.values())
+    # --cluster-mi runs its term in D and Q's step (minus IIC's objective at balance 2: on
+    # Q's near-uniform start, about -2 log 10); 0, the paper, leaves it out
+    clustered = first("cluster", "--cluster-mi", "1")
+    assert "clu_mi" not in plain and clustered["clu_mi"] == pytest.approx(-2 * math.log(10), abs=0.2)
 
 
 class ClassMeanGenerator(torch.nn.Module):
@@ -214,3 +218,42 @@ def test_generated_category_purity_tells_digit_categories_from_merged_ones():
     # two categories per digit for five digits: at most half the samples can be matched
     pairs = ClassMeanGenerator(codes, data, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     assert 0.4 < infogan.generated_category_purity(pairs, codes, data, "cpu", n=500) <= 0.55
+
+
+def test_clustering_term_makes_q_agree_on_warped_real_images():
+    # --cluster-mi's term alone, into the trunk and Q, with two categorical codes (so a
+    # swapped axis shows): each code's categories of real digits and of their warped copies
+    # come to share information (IIC's objective at balance 1; log 10 = 2.3 at most) and
+    # stay spread over the categories
+    torch.manual_seed(0)
+    digits = common.load_data("digits")
+    args = infogan.parse_args([])
+    codes = infogan.Codes(args.noise_dim, 2, 10, 2)
+    enc = common.build_encoder({**common.encoder_config("infogan", digits.image_shape, y_dim=128),
+                                "width": 16, "fc_dim": 64})
+    q_head = infogan.QHead(codes, 128, 1)
+    for m in (enc, q_head):
+        infogan.dcgan_init(m)
+    with torch.no_grad():  # out of uniform Q's saddle (where the term has no gradient), as
+        q_head.out.weight *= 5  # Q is once it has learnt from G's images
+    x = digits.preprocess(digits.train_x[:256], train=True)
+
+    def information():
+        with torch.no_grad():
+            real = q_head(enc(x)["y"])[0]
+            warp = q_head(enc(common.random_affine(x, generator=torch.Generator().manual_seed(5)))["y"])[0]
+        return ([float(common.cluster_information(real[:, i], warp[:, i])) for i in range(2)],
+                [len(real[:, i].argmax(1).unique()) for i in range(2)])
+    before, _ = information()
+    opt = torch.optim.Adam([*enc.parameters(), *q_head.parameters()], 1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        xb = x[torch.randint(0, len(x), (64,), generator=g)]
+        logits = q_head(enc(torch.cat([xb, common.random_affine(xb, generator=g)]))["y"])[0]
+        opt.zero_grad()
+        infogan.clustering_loss(logits[:64], logits[64:], balance=2.0).backward()
+        opt.step()
+    after, used = information()
+    print("I(Q's category; Q's category of the warp) per code, before / after:", before, after, used)
+    assert max(before) < 0.01 and min(after) > 0.8, (before, after)  # 1.4-1.6 for seeds 0-3
+    assert min(used) >= 8
