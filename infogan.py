@@ -43,7 +43,7 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   own random affine warp, as in differentiable augmentation for GANs (Zhao et al. 2020,
   arXiv:2006.10738): a category G could carry in pose alone (two slants of 1) no longer
   survives to Q, and D cannot learn the small training set by heart.
-- On MNIST only, `--cluster-mi 4` (0 elsewhere: the paper) adds IIC's clustering objective
+- On digits and MNIST, `--cluster-mi 4` (0 elsewhere: the paper) adds IIC's clustering objective
   (Ji et al. 2019, arXiv:1807.06653) to D and Q's step: Q's categories of a real image and of
   its warped copy must agree and use every category. Q otherwise learns c_cat from G's
   drawings alone, whose categories merge and split real MNIST's digits.
@@ -72,13 +72,13 @@ from common import UserError
 NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
 # Defaults by dataset (a flag given wins): the paper's, except on the bundled digits and on
 # MNIST, where they were measured (docs/infogan.md). Narrower networks there fit the runs in
-# a few CPU minutes; on real MNIST the paper's losses alone cluster at 0.59, hence the
-# clustering term. epochs None: as many as make MNIST_STEPS steps (50 epochs of 2,000
+# a few CPU minutes; the clustering term lifts both (the paper's losses alone cluster real
+# MNIST at 0.59). epochs None: as many as make MNIST_STEPS steps (50 epochs of 2,000
 # images, 1.7 of MNIST's 60,000).
 PAPER_DEFAULTS = {"epochs": 50, "width": 64, "fc_dim": 1024, "lambda_cat": 1.0,
                   "instance_noise": 0.0, "cluster_mi": 0.0}
 DEFAULTS = {"digits": {**PAPER_DEFAULTS, "epochs": 100, "width": 32, "fc_dim": 256,
-                       "lambda_cat": 3.0, "instance_noise": 1.0},
+                       "lambda_cat": 3.0, "instance_noise": 1.0, "cluster_mi": 4.0},
             "mnist": {**PAPER_DEFAULTS, "epochs": None, "width": 32, "fc_dim": 256, "cluster_mi": 4.0}}
 MNIST_STEPS = 3100
 
@@ -111,7 +111,7 @@ def parse_args(argv=None):
                    help="weight of a clustering term on real images in D and Q's step (not in "
                         "the paper; IIC, Ji et al. 2019): Q(c_cat | x) and Q(c_cat | t(x)), t a "
                         "random affine warp, must agree and use every category; default 4 on "
-                        "MNIST, 0 (the paper: no term) elsewhere")
+                        "digits and MNIST, 0 (the paper: no term) elsewhere")
     p.add_argument("--cluster-balance", type=common.nonneg_float, default=2.0,
                    help="IIC's lambda in that term: weight of the categories' marginal entropies "
                         "against their joint entropy over the two views (1: the mutual information)")

@@ -47,9 +47,9 @@ RECIPES = {
     "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--shift", "2",
                                          "--cross-view", "warp", "--gamma", "0", "--batch-size", "256",
                                          "--epochs", "20"]),
-    # InfoGAN: infogan.py's MNIST defaults (the clustering term at 4, widths 32 / 256, 3,100
-    # steps); infogan_paper: the paper's losses alone (lambda_cat 1, no instance noise, no
-    # clustering term), the same widths and steps
+    # InfoGAN: infogan.py's digits / MNIST defaults (the clustering term at 4, widths 32 / 256;
+    # on MNIST 3,100 steps); infogan_paper: the paper's losses alone (lambda_cat 1, no
+    # instance noise, no clustering term), the same widths and steps
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "infogan_paper": ("infogan.py", IG_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IG_PAPER]),
     # InfoAE: infoae.py's MNIST defaults (the additions, the clustering term at 16, widths 16 /

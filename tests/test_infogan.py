@@ -83,11 +83,12 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
-    # the paper's lambda and no instance noise: the digits defaults (lambda_cat 3, noise
-    # annealed from 1) pay off over thousands of steps; over 60 they leave the continuous
+    # the paper's losses alone: the digits defaults (lambda_cat 3, noise annealed from 1, the
+    # clustering term) pay off over thousands of steps; over 60 they leave the continuous
     # codes nearly unlearnt (correlations ~0.1), and this test checks the information term
     common_flags = ["--no-progress", "--out-dir", str(tmp_path), "--batch-size", "32",
-                    "--traversal-steps", "5", "--instance-noise", "0", "--lambda-cat", "1"]
+                    "--traversal-steps", "5", "--instance-noise", "0", "--lambda-cat", "1",
+                    "--cluster-mi", "0"]
     run = infogan.main(common_flags + ["--epochs", "1", "--max-steps", "30"])
     ckpt_path = run.path("checkpoint.pt")
     assert os.path.exists(run.path("traversal_epoch001.png"))
@@ -170,7 +171,7 @@ def test_defaults_are_the_papers_except_where_measured():
     assert (paper.width, paper.fc_dim, paper.q_dim, paper.epochs) == (64, 1024, 128, 50)
     assert (paper.lambda_cat, paper.instance_noise, paper.cluster_mi) == (1.0, 0.0, 0.0)
     digits = infogan.parse_args([])
-    assert (digits.width, digits.fc_dim, digits.lambda_cat, digits.cluster_mi) == (32, 256, 3.0, 0.0)
+    assert (digits.width, digits.fc_dim, digits.lambda_cat, digits.cluster_mi) == (32, 256, 3.0, 4.0)
     mnist = infogan.parse_args(["--dataset", "mnist"])  # epochs: MNIST_STEPS steps, set in train
     assert (mnist.width, mnist.fc_dim, mnist.lambda_cat, mnist.cluster_mi, mnist.epochs) == (32, 256, 1.0, 4.0, None)
     assert infogan.parse_args(["--width", "64"]).width == 64  # a flag beats the default
@@ -188,7 +189,7 @@ def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():
 
 def test_warp_changes_what_d_and_q_read(tmp_path):
     flags = ["--no-progress", "--max-steps", "1", "--epochs", "1", "--eval-every", "0",
-             "--instance-noise", "0", "--image-every", "100"]
+             "--instance-noise", "0", "--image-every", "100", "--cluster-mi", "0"]
     first = lambda name, *extra: [json.loads(l) for l in open(infogan.main(
         flags + ["--out-dir", str(tmp_path / name), *extra]).metrics_path) if "epoch" in l][0]
     plain, warped = first("plain"), first("warp", "--warp")
