@@ -337,6 +337,13 @@ def count_batches(n, batch_size, drop_last=False, world_size=1):
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+def epochs_for_steps(steps, data, batch_size, world_size=1):
+    """The fewest epochs of whole batches (batch_size global, drop_last) that make `steps`
+    steps: a recipe stated in steps holds whatever the dataset's size."""
+    return math.ceil(steps / data.n_batches("train", batch_size // world_size, drop_last=True,
+                                            world_size=world_size))
+
+
 def load_digits_data(test_fraction=0.2, size=32):
     """scikit-learn's bundled 8x8 digits, upsampled to `size`, fixed stratified split."""
     from sklearn.datasets import load_digits

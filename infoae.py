@@ -55,7 +55,6 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
 """
 import contextlib
 import copy
-import math
 import time
 
 import numpy as np
@@ -500,8 +499,7 @@ def train(args):
             acc_random_init = cluster_test_accuracy(untrained, data, device)[0]
 
     if args.epochs is None:  # --dataset mnist: a number of steps, whatever the data's size
-        args.epochs = math.ceil(MNIST_STEPS / data.n_batches("train", args.batch_size // world,
-                                                             drop_last=True, world_size=world))
+        args.epochs = common.epochs_for_steps(MNIST_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(args, SCRIPT, nets, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
     # compiled views for speed, grouped by backward pass and DDP-wrapped under torchrun; the

@@ -57,7 +57,6 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
 import copy
-import math
 import time
 
 import numpy as np
@@ -358,8 +357,7 @@ def train(args):
             acc_random_init = cluster_accuracies(untrained, q_head, data, device)[0]
     noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per rank
     if args.epochs is None:  # --dataset mnist: a number of steps, whatever the data's size
-        args.epochs = math.ceil(MNIST_STEPS / data.n_batches("train", args.batch_size // world,
-                                                             drop_last=True, world_size=world))
+        args.epochs = common.epochs_for_steps(MNIST_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_gen})
     run = common.Run("infogan", args, run_dir)

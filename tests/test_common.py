@@ -215,3 +215,12 @@ def test_cluster_information_values():
     assert abs(float(common.cluster_information(one, one))) < 1e-3
     # balance (IIC's lambda) 2 adds H(y) + H(y') = 2 log K on balanced clusters
     assert torch.allclose(common.cluster_information(sure, sure, balance=2.0), 3 * log_k, atol=1e-3)
+
+
+def test_epochs_for_steps_counts_whole_batches_per_process():
+    data = common.Data("toy", torch.zeros(2000, 1, 2, 2, dtype=torch.uint8), torch.zeros(2000),
+                       torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1), 10)
+    assert common.epochs_for_steps(4960, data, 32) == 80  # 62 whole batches an epoch
+    assert common.epochs_for_steps(4961, data, 32) == 81  # a step more needs an epoch more
+    assert common.epochs_for_steps(4960, data, 32, world_size=2) == 80  # 1,000 rows, 16 each
+    assert common.epochs_for_steps(4960, data, 64, world_size=2) == 160  # 31 batches of 32
