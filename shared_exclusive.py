@@ -111,8 +111,10 @@ def parse_args(argv=None):
                    help="MI estimator for every MI term: jsd (paper), infonce or dv")
     p.add_argument("--critic", default="dot", choices=["dot", "concat"],
                    help="local critic: encode-and-dot-product or concat-and-convolve")
-    p.add_argument("--local-layer", default="c2", choices=list(common.DCGANEncoder.maps),
-                   help="encoder tap giving the local map C(x)")
+    p.add_argument("--local-layer", default="conv", choices=list(common.DCGANEncoder.maps),
+                   help="encoder tap giving the local map C(x) of stage 1 (S)")
+    p.add_argument("--exclusive-local-layer", default="c2", choices=list(common.DCGANEncoder.maps),
+                   help="encoder tap giving the local map C(x) of stage 2 (Z)")
     p.add_argument("--shared-dim", type=common.positive_int, default=16,
                    help="size of S (paper: 64; whitened, 32 dimensions already held colour, see "
                         "the docstring)")
@@ -243,22 +245,23 @@ def build_networks(args, image_shape, device):
     excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim)
     enc = {f"shared_{d}": common.build_encoder(shared_cfg) for d in "xy"}
     shapes = common.tap_shapes(enc["shared_x"], image_shape)
-    local_ch, conv_dim = shapes[args.local_layer][0], math.prod(shapes["conv"])
+    conv_dim = math.prod(shapes["conv"])
 
-    def local_critic(dim):
+    def local_critic(dim, layer):
+        local_ch = shapes[layer][0]
         return (common.DotCritic(dim, local_ch, args.embed_dim) if args.critic == "dot" else
                 common.ConcatCritic(dim, local_ch))
 
     r_dim = args.shared_dim + args.exclusive_dim
     critics = {}
     for d in "xy":  # stage 1: scores the *other* domain's S against this domain's maps
-        critics[f"shared_local_critic_{d}"] = local_critic(args.shared_dim)
+        critics[f"shared_local_critic_{d}"] = local_critic(args.shared_dim, args.local_layer)
         critics[f"shared_global_critic_{d}"] = common.GlobalCritic(conv_dim, args.shared_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1_000_003)
         enc.update({f"exclusive_{d}": common.build_encoder(excl_cfg) for d in "xy"})
         for d in "xy":
-            critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim)
+            critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim, args.exclusive_local_layer)
             critics[f"exclusive_global_critic_{d}"] = common.GlobalCritic(conv_dim, r_dim)
             critics[f"sz_disc_{d}"] = SZDiscriminator(r_dim)
     for m in (*enc.values(), *critics.values()):
@@ -302,7 +305,7 @@ def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
         r = torch.cat([s, z], 1)  # R = (S, Z)
         if args.exclusive_local > 0:
             critic = critics[f"exclusive_local_critic_{d}"]
-            logs[f"local_mi_{d}"] = bound(critic(r, out[args.local_layer], gather=gather))
+            logs[f"local_mi_{d}"] = bound(critic(r, out[args.exclusive_local_layer], gather=gather))
             loss = loss - args.exclusive_local * logs[f"local_mi_{d}"]
         if args.exclusive_global > 0:
             critic = critics[f"exclusive_global_critic_{d}"]

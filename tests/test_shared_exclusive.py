@@ -140,7 +140,7 @@ class Stub(nn.Module):
 def loss_args(**kw):
     base = dict(shared_local=0.0, shared_global=0.0, l1=0.0, exclusive_local=0.0,
                 exclusive_global=0.0, adversarial=0.0, hsic=0.0, hsic_batches=1,
-                local_layer="c2")
+                local_layer="c2", exclusive_local_layer="c2")
     return SimpleNamespace(**{**base, **kw})
 
 
