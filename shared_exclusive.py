@@ -45,6 +45,9 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - The adversary, when on, shuffles Z with a random cyclic permutation (no sample meets its
   own Z), uses the GAN cross-entropy (non-saturating for the encoder), and its discriminator
   (DIM's 1000-200-1 prior discriminator) takes `--disc-steps 10` steps per encoder step.
+- The local map C(x) is not given: S's is the last conv layer's 4x4 map (`--local-layer
+  conv`), Z's the 8x8 map before it (`--exclusive-local-layer c2`); on colourful-MNIST the
+  4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X.
 - Dot critic embedding 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
 - Not given by the paper: 36 + 24 epochs on colourful digits, 20 + 20 on colourful-MNIST.
   `--max-steps` caps each stage.

@@ -456,3 +456,29 @@ def test_whitened_encoder_passes_gradients_through_its_statistics_and_reloads():
     copy.eval()
     with torch.no_grad():
         assert torch.allclose(copy(x)["y"], enc(x)["y"])
+
+
+def test_each_stage_reads_its_own_local_layer():
+    """--local-layer feeds stage 1's local critics, --exclusive-local-layer stage 2's."""
+    n = 4
+    maps = dict(c2=torch.zeros(n, 2, 2, 2), conv=torch.zeros(n, 3, 1, 1))
+    enc = {f"{k}_{d}": Stub(y=torch.zeros(n, 2), **maps) for k in ("shared", "exclusive") for d in "xy"}
+    seen = []
+
+    def recording(code, local, gather=None):
+        seen.append(local.shape[1])  # channels: 2 for c2, 3 for conv
+        return torch.zeros(n, n, local.shape[2] * local.shape[3])
+
+    critics = {f"{k}_local_critic_{d}": recording for k in ("shared", "exclusive") for d in "xy"}
+    x = torch.zeros(n, 3, 32, 32)
+    args = loss_args(shared_local=1.0, exclusive_local=1.0, local_layer="conv", exclusive_local_layer="c2")
+    se.shared_step(x, x, enc, critics, common.jsd_bound, args)
+    se.exclusive_step(x, x, enc, critics, common.jsd_bound, args)
+    assert seen == [3, 3, 2, 2]
+    # and the critics are built for those maps' channels
+    enc, built, _ = se.build_networks(se.parse_args(["--local-layer", "conv", "--exclusive-local-layer", "c2"]),
+                                      (3, 32, 32), torch.device("cpu"))
+    shapes = common.tap_shapes(enc["shared_x"], (3, 32, 32))
+    assert shapes["conv"][0] != shapes["c2"][0]
+    assert built["shared_local_critic_x"].l_skip.in_channels == shapes["conv"][0]
+    assert built["exclusive_local_critic_x"].l_skip.in_channels == shapes["c2"][0]
