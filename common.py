@@ -293,13 +293,16 @@ def random_shift(x, max_shift, generator=None):
     return padded.gather(2, rows).gather(3, cols)
 
 
-def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, generator=None):
+def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.0,
+                  generator=None):
     """Each image warped by its own random rotation (up to max_rotate degrees either way),
-    scaling of its width and of its height (each by 1 +- max_scale) and shift (up to
-    max_shift of the half-width, 1.6 pixels of 32); what enters the frame is background, -1
+    scaling of its width and of its height (each by 1 +- max_scale), shift (up to max_shift
+    of the half-width, 1.6 pixels of 32) and, where max_shear > 0, horizontal shear (x moved
+    by up to max_shear times y, a change of slant); what enters the frame is background, -1
     (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
     proportions: a 1 that leans or is wide stays a 1. Draws from `generator` (a CPU one)
-    where given, else from the global generator on x's device."""
+    where given, else from the global generator on x's device (the shear's draw comes last,
+    and only where it is on, so warps without it are what they were)."""
     n = len(x)
 
     def uniform(*shape):  # in [-1, 1)
@@ -314,6 +317,10 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, generator=No
     sx, sy = scale[:, 0], scale[:, 1]
     theta = torch.stack([torch.stack([cos / sx, -sin / sy, shift[:, 0]], 1),
                          torch.stack([sin / sx, cos / sy, shift[:, 1]], 1)], 1)  # (N, 2, 3)
+    if max_shear > 0:  # output (u, v) reads the input at theta (u + k v, v, 1)
+        shear = torch.eye(3, device=x.device).repeat(n, 1, 1)
+        shear[:, 0, 1] = uniform(n) * max_shear
+        theta = theta @ shear
     grid = F.affine_grid(theta, x.shape, align_corners=False)
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 

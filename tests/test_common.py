@@ -184,6 +184,23 @@ def test_random_affine_warps_each_digit_a_little():
     scaled = common.random_affine(blob, max_rotate=0.0, max_shift=0.0)
     wide, tall = spread(scaled, 3) / spread(blob, 3), spread(scaled, 2) / spread(blob, 2)
     assert (wide - tall).abs().mean() > 0.1 and (wide - 1).abs().max() < 0.5
+    # shear alone leans an upright bar, each image its own way (InfoAE's clustering warp:
+    # slant is what its categories of 5s and 8s split on); the bar's ink-weighted
+    # covariance of column and row goes from 0 to about the shear times the row variance
+    bar = -torch.ones(64, 1, 32, 32)
+    bar[:, :, 6:26, 15:17] = 1
+    def lean(t):
+        ink = (t + 1).squeeze(1)
+        row, col = torch.arange(32.0).view(1, 32, 1), torch.arange(32.0).view(1, 1, 32)
+        tot = ink.sum((1, 2))
+        mr, mc = (ink * row).sum((1, 2)) / tot, (ink * col).sum((1, 2)) / tot
+        return (ink * (row - mr.view(-1, 1, 1)) * (col - mc.view(-1, 1, 1))).sum((1, 2)) / tot
+    none = dict(max_rotate=0.0, max_scale=0.0, max_shift=0.0)
+    assert lean(bar).abs().max() < 1e-3
+    leaned = lean(common.random_affine(bar, max_shear=0.3, **none))
+    assert leaned.abs().max() > 8 and leaned.abs().max() < 0.3 * 33.3 * 1.2  # rows' variance 33.3
+    assert (leaned > 1).any() and (leaned < -1).any()  # both ways
+    assert torch.allclose(common.random_affine(bar, **none), bar, atol=1e-5)
     # no warp at all: the image itself
     same = common.random_affine(x, max_rotate=0.0, max_scale=0.0, max_shift=0.0)
     assert torch.allclose(same, x, atol=1e-5)
