@@ -19,7 +19,7 @@ and LC frozen; then each critic takes one step on its own loss (critic_terms). T
 three weights are 0 in the paper.
 
     python infoae.py                          # digits: 60 epochs, about 2.5 min on 2 CPU cores
-    python infoae.py --dataset mnist             # 4,960 steps, about 10 min on one CPU thread
+    python infoae.py --dataset mnist             # 4,960 steps, about 10 min on 2 CPU cores
 
 Where this script fills gaps in or departs from the paper (the measurements behind each
 choice, and the variants tried and not kept, are in docs/infoae.md):
@@ -37,8 +37,8 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   MNIST (80 epochs of 2,000 images, 3 of 60,000), 50 epochs elsewhere.
 - E's BatchNorm statistics are recomputed on real training images before every evaluation
   and checkpoint (training mixes real and generated batches into them).
-- On digits and MNIST (each flag at 0 gives the paper, which clusters real MNIST at 0.31
-  where these additions reach 0.73-0.92): a latent critic LC that tells G(z, c) from
+- On digits and MNIST (each flag at 0 gives the paper, whose losses alone cluster real
+  MNIST far worse: the README's infoae_paper row): a latent critic LC that tells G(z, c) from
   E(x) and that E and G both play against (--latent-adv 1 --latent-adv-gen 1), so that C,
   trained on generated latents, can read real ones; LC is built and trained at weight 0 too,
   its loss `lat` logged as a measure of how far apart l_e and l_g are.
