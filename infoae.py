@@ -74,12 +74,14 @@ SCRIPT = "infoae"
 # as many as make MNIST_STEPS steps (80 epochs of 2,000 images, 3 of MNIST's 60,000).
 PAPER_DEFAULTS = {"epochs": 50, "width": 64, "hidden": 512, "beta": 1.0, "latent_adv": 0.0,
                   "latent_adv_gen": 0.0, "instance_noise": 0.0, "cluster_mi": 0.0,
-                  "cluster_views": 1, "cluster_shear": 0.0}
+                  "cluster_views": 1, "cluster_shear": 0.0,
+                  "cluster_scale": 0.2}
 ADDITIONS = {"beta": 2.0, "latent_adv": 1.0, "latent_adv_gen": 1.0, "instance_noise": 1.0}
 DEFAULTS = {"digits": {**PAPER_DEFAULTS, **ADDITIONS, "epochs": 60, "width": 16, "hidden": 256,
                        "cluster_mi": 4.0},
             "mnist": {**PAPER_DEFAULTS, **ADDITIONS, "epochs": None, "width": 16, "hidden": 256,
-                      "cluster_mi": 16.0, "cluster_views": 8, "cluster_shear": 0.3}}
+                      "cluster_mi": 16.0, "cluster_views": 8, "cluster_shear": 0.3,
+                      "cluster_scale": 0.35}}
 MNIST_STEPS = 4960
 
 
@@ -134,6 +136,9 @@ def parse_args(argv=None):
                    help="largest horizontal shear (a change of slant, x moved by up to this "
                         "times y) in that term's warp, on top of its rotation, scaling and "
                         "shift; default 0.3 on MNIST, 0 elsewhere")
+    p.add_argument("--cluster-scale", type=common.nonneg_float, default=None,
+                   help="largest change of width and of height (each apart, by 1 +- this) in "
+                        "that term's warp; default 0.35 on MNIST, 0.2 elsewhere")
     p.add_argument("--latent-dim", type=common.positive_int, default=16,
                    help="size of the latents l_g = G(z,c) and l_e = E(x)")
     p.add_argument("--width", type=common.positive_int, default=None,
@@ -310,7 +315,7 @@ def sample_prior(n, z_dim, z_scale, n_categories, device):
 
 
 def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, views=1,
-                     shear=0.0):
+                     shear=0.0, scale=0.2):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. With l_g = G(z, c),
     x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g), sp(t) = log(1 + e^t) and t(x)
@@ -332,8 +337,9 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
     sigma: instance noise on the images Dis reads and on the generated images E reads (not
     on E's real images). balance: IIC's lambda in clu_mi (common.cluster_information);
     views: how many warps t(x) of each image clu_mi pairs with it (IIC's repeated transforms:
-    its joint P(y, y') is then estimated from views * N pairs); shear: the warp's largest
-    horizontal shear (common.random_affine); clustering=False leaves clu_mi
+    its joint P(y, y') is then estimated from views * N pairs); shear and scale: the warp's
+    largest horizontal shear and change of width and height (common.random_affine);
+    clustering=False leaves clu_mi
     out (its weight is 0), which spares the warps and E's pass over them.
 
     Returns (terms, tensors): terms by name, and the intermediate l_g, x_g, x_r, l_ge that
@@ -343,7 +349,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
     Dis, SC, LC = (nets[k] for k in CRITICS)
     onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
     # before the noise: the same warps at any sigma
-    x_warped = (common.random_affine(x.repeat(views, 1, 1, 1), max_shear=shear)
+    x_warped = (common.random_affine(x.repeat(views, 1, 1, 1), max_scale=scale, max_shear=shear)
                 if clustering else None)
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
@@ -405,9 +411,10 @@ class MinPlayers(nn.Module):
         self.players = nn.ModuleDict({k: nets[k] for k in MIN_PLAYERS})
         self.critics = {k: nets[k] for k in CRITICS}
 
-    def forward(self, x, z, c, sigma=0.0, balance=1.0, clustering=True, views=1, shear=0.0):
+    def forward(self, x, z, c, sigma=0.0, balance=1.0, clustering=True, views=1, shear=0.0,
+                scale=0.2):
         return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, balance,
-                                clustering, views, shear)
+                                clustering, views, shear, scale)
 
 
 class Critics(nn.Module):
@@ -556,7 +563,7 @@ def train(args):
             # E, Dec, G, C: one step on the weighted sum, the critics frozen
             with common.autocast(device, args.amp):
                 terms, t = players(x, z, c, sigma, args.cluster_balance, args.cluster_mi > 0,
-                                   args.cluster_views, args.cluster_shear)
+                                   args.cluster_views, args.cluster_shear, args.cluster_scale)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
             check_finite(loss, terms, nets, step, args)

@@ -426,12 +426,13 @@ def test_departures_from_the_paper_default_on_for_digits_and_mnist_only():
     digits = infoae.parse_args([])
     assert (digits.latent_adv, digits.latent_adv_gen, digits.instance_noise, digits.beta,
             digits.cluster_mi, digits.cluster_balance, digits.epochs) == (1, 1, 1, 2, 4, 2, 60)
-    assert (digits.cluster_views, digits.cluster_shear, paper.cluster_views) == (1, 0, 1)
+    assert (digits.cluster_views, digits.cluster_shear, digits.cluster_scale,
+            paper.cluster_views) == (1, 0, 0.2, 1)
     # --dataset mnist: the recipe measured on real MNIST (docs/infoae.md), its 80 epochs of
     # 2,000 images stated as steps (the epochs are set when the data's size is known)
     mnist = vars(infoae.parse_args(["--dataset", "mnist"]))
     recipe = vars(infoae.parse_args("--dataset mnist --latent-adv 1 --latent-adv-gen 1 --instance-noise 1 "
-                                    "--beta 2 --cluster-mi 16 --cluster-views 8 --cluster-shear 0.3 "
+                                    "--beta 2 --cluster-mi 16 --cluster-views 8 --cluster-shear 0.3 --cluster-scale 0.35 "
                                     "--width 16 --hidden 256".split()))
     assert mnist == {**recipe, "epochs": None} and mnist["cluster_mi"] == 16
     assert infoae.MNIST_STEPS == 80 * (2000 // 32)
