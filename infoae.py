@@ -49,7 +49,9 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   images and a random warp of each (--cluster-mi 4 on digits, 16 on MNIST; --cluster-balance
   2), into E and C, so that the categories follow the real digits and not only G's choice;
   at weight 0 it is not built. On MNIST each image meets 8 warps (--cluster-views) that also
-  shear it (--cluster-shear 0.3): from one warp of 32 images, 5s and 8s were split by slant.
+  shear it and change its width and height by up to 35% (--cluster-shear 0.3
+  --cluster-scale 0.35, not 0.2): with less, 5s and 8s were split by slant, 2s, 6s and 8s
+  by width.
 - On digits and MNIST: beta 2 (the paper's 1).
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
   C are one DDP module (MinPlayers), the critics another (Critics).

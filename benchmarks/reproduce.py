@@ -54,7 +54,7 @@ RECIPES = {
     "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "infogan_paper": ("infogan.py", IG_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IG_PAPER]),
     # InfoAE: infoae.py's MNIST defaults (the additions, the clustering term at 16 over 8
-    # sheared warps of each image, widths 16 / 256, 4,960 steps); infoae_paper: the paper's losses alone, the same widths, 2,480 steps
+    # sheared and stretched warps of each image, widths 16 / 256, 4,960 steps); infoae_paper: the paper's losses alone, the same widths, 2,480 steps
     "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
     "infoae_paper": ("infoae.py", IA_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IA_PAPER,
                                              "--epochs", "40"]),
