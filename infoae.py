@@ -76,8 +76,7 @@ SCRIPT = "infoae"
 # as many as make MNIST_STEPS steps (80 epochs of 2,000 images, 3 of MNIST's 60,000).
 PAPER_DEFAULTS = {"epochs": 50, "width": 64, "hidden": 512, "beta": 1.0, "latent_adv": 0.0,
                   "latent_adv_gen": 0.0, "instance_noise": 0.0, "cluster_mi": 0.0,
-                  "cluster_views": 1, "cluster_shear": 0.0,
-                  "cluster_scale": 0.2}
+                  "cluster_views": 1, "cluster_shear": 0.0, "cluster_scale": 0.2}
 ADDITIONS = {"beta": 2.0, "latent_adv": 1.0, "latent_adv_gen": 1.0, "instance_noise": 1.0}
 DEFAULTS = {"digits": {**PAPER_DEFAULTS, **ADDITIONS, "epochs": 60, "width": 16, "hidden": 256,
                        "cluster_mi": 4.0},
@@ -341,8 +340,8 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
     views: how many warps t(x) of each image clu_mi pairs with it (IIC's repeated transforms:
     its joint P(y, y') is then estimated from views * N pairs); shear and scale: the warp's
     largest horizontal shear and change of width and height (common.random_affine);
-    clustering=False leaves clu_mi
-    out (its weight is 0), which spares the warps and E's pass over them.
+    clustering=False leaves clu_mi out (its weight is 0), which spares the warps and E's pass
+    over them.
 
     Returns (terms, tensors): terms by name, and the intermediate l_g, x_g, x_r, l_ge that
     the critics' losses reuse (detached there).
