@@ -51,8 +51,7 @@ Extensions (off by default; paper Tables 3 and 5, App. A.7):
   map outside a random rectangle of the M x M grid (sides drawn from [M/4, M-1]) and running
   the rest of the encoder on it; each is scored against the full local map by the same local
   critic and added to the local term (beta * mean over the K features).
-- Extra passes (--cross-view, occluded inputs, masked maps) leave BatchNorm's running
-  statistics as they were, so the test-time encoder is normalised for full images only.
+- Extra passes (--cross-view, occlusion, masked maps) leave BatchNorm's running statistics.
 """
 import math
 import time

@@ -14,9 +14,8 @@ As in the paper's Eq. 2 (a min-max), E, Dec, G and C take one step of one Adam o
     rec_weight * rec + alpha * (dec_gen + dec_rec) + beta * (cls_gen + cls_enc) + gamma * enc_sc
       + latent_adv * enc_lat + latent_adv_gen * gen_lat + cluster_mi * clu_mi
 
-(the terms and the networks each reaches: min_player_terms), built with the critics Dis, SC
-and LC frozen; then each critic takes one step on its own loss (critic_terms). The last
-three weights are 0 in the paper.
+(min_player_terms), the critics Dis, SC and LC frozen; then each critic takes one step on
+its own loss (critic_terms). The last three weights are 0 in the paper.
 
     python infoae.py                          # digits: 60 epochs, about 2.5 min on 2 CPU cores
     python infoae.py --dataset mnist             # 4,960 steps, about 10 min on 2 CPU cores
@@ -40,19 +39,17 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
 - On digits and MNIST (each flag at 0 gives the paper, whose losses alone cluster real
   MNIST far worse: the README's infoae_paper row): a latent critic LC that tells G(z, c) from
   E(x) and that E and G both play against (--latent-adv 1 --latent-adv-gen 1), so that C,
-  trained on generated latents, can read real ones; LC is built and trained at weight 0 too,
-  its loss `lat` logged as a measure of how far apart l_e and l_g are.
-- On digits and MNIST: instance noise (Sonderby et al. 2016, arXiv:1610.04490) on every
-  image Dis reads and on the generated images E reads, annealed from --instance-noise 1 to
-  0, so that c is carried in coarse shape, the digit.
+  trained on generated latents, can read real ones (at weight 0 LC still logs `lat`, how far
+  apart l_e and l_g are).
+- On digits and MNIST: beta 2 (the paper's 1), and instance noise (Sonderby et al. 2016,
+  arXiv:1610.04490) on every image Dis reads and on the generated images E reads, annealed
+  from --instance-noise 1 to 0, so that c is carried in coarse shape, the digit.
 - On digits and MNIST: IIC's clustering term (Ji et al. 2019, arXiv:1807.06653) on real
   images and a random warp of each (--cluster-mi 4 on digits, 16 on MNIST; --cluster-balance
   2), into E and C, so that the categories follow the real digits and not only G's choice;
   at weight 0 it is not built. On MNIST each image meets 8 warps (--cluster-views) that also
-  shear it and change its width and height by up to 35% (--cluster-shear 0.3
-  --cluster-scale 0.35, not 0.2): with less, 5s and 8s were split by slant, 2s, 6s and 8s
-  by width.
-- On digits and MNIST: beta 2 (the paper's 1).
+  shear it and change its width and height by up to 35% (--cluster-shear 0.3 --cluster-scale
+  0.35, not 0.2): with less, 5s and 8s were split by slant, 2s, 6s and 8s by width.
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
   C are one DDP module (MinPlayers), the critics another (Critics).
 """

@@ -12,9 +12,8 @@ This script minimises the *information loss* lambda_cat * CE + lambda_cont * Gau
 -(L_I - H(c)) summed over codes. D and Q share a trunk (common.InfoGANEncoder, saved as the
 run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's hidden layer). At
 the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one to the
-labels (paper: about 95% on MNIST), and G's samples of each category are labelled by a pixel
-classifier fitted to real labelled images (generated_category_purity: are G's categories the
-classes, or did G split and merge them?).
+labels (paper: about 95% on MNIST), and a pixel classifier fitted to real images labels G's
+samples of each category (generated_category_purity: did G split or merge the classes?).
 
     python infogan.py                            # digits, CPU: 100 epochs, 4400 steps
     python infogan.py --dataset mnist            # 3,100 steps with the clustering term
@@ -38,7 +37,6 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
 - Clustering accuracy is measured after resetting the trunk's BatchNorm running statistics to
   those of the real training images (training leaves averages of real and fake batches);
   cluster_acc_mixed_bn logs it with the training statistics.
-- Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - `--warp` (off by default) passes every image D and Q read, real and generated, through its
   own random affine warp, as in differentiable augmentation for GANs (Zhao et al. 2020,
   arXiv:2006.10738): a category G could carry in pose alone (two slants of 1) no longer
@@ -47,10 +45,9 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   (Ji et al. 2019, arXiv:1807.06653) to D and Q's step: Q's categories of a real image and of
   its warped copy must agree and use every category. Q otherwise learns c_cat from G's
   drawings alone, whose categories merge and split real MNIST's digits.
-- The continuous codes' Gaussian learns its log-variance, clamped to [-8, 4]
-  (--learn-cont-var 0: unit variance, as in the authors' MNIST code).
-- Traversal grid (paper Fig. 2): one fixed z, one row per value of the first categorical
-  code, columns sweeping each continuous code from -2 to 2 in turn; every 10 epochs.
+- Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
+- Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
+- Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
 - Not given by the paper: batch 32; 100 epochs on digits, 3,100 steps on MNIST whatever its
   size (50 epochs of 2,000 images), 50 epochs elsewhere.
 - Under torchrun --batch-size is the global batch; each process draws its own noise and
