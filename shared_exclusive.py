@@ -28,8 +28,8 @@ one class, so S becomes a class code and the pairing is weak supervision.
 
 Where this script fills gaps in or departs from the paper (the measurements behind each
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
-- Stage 2's global/local weights are not given; they default to stage 1's (local 1, global
-  0.5). All weights are flags.
+- Not given by the paper: stage 2's weights (stage 1's: local 1, global 0.5) and the epochs
+  (36 + 24 on colourful digits, 20 + 20 on colourful-MNIST); `--max-steps` caps each stage.
 - S is whitened over the batch (common.Whitening; unbounded as in the paper, `--shared-norm
   none`, the L1 term is paid off by shrinking S, not by removing colour), and 16-d, not the
   paper's 64: on colourful-MNIST a whitened 32-d S already read the background at 0.65.
@@ -38,19 +38,16 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Z is whitened too, and 2-d, not 8-d (`--exclusive-dim 8`): twelve hues fit on a circle,
   and every further whitened direction carried the digit (on colourful-MNIST the ink's
   amount, which a colour read from the ink scales with).
-- I(S; Z) is pushed down by normalised HSIC (`--hsic 10`), not by the paper's adversary,
-  which the exclusive encoder evaded. Z's kernel averages four bandwidths (narrow ones see
-  the digit within each colour) and each step scores the batch with the 7 before it
-  (`--hsic-batches 8`), detached.
+- I(S; Z) is pushed down by normalised HSIC (`--hsic 10`), not by the paper's adversary, which
+  Z evaded. Z's kernel averages four bandwidths (narrow ones see the digit within each
+  colour); each step scores the batch with the 7 before it (`--hsic-batches 8`).
 - The adversary, when on, shuffles Z with a random cyclic permutation (no sample meets its
   own Z), uses the GAN cross-entropy (non-saturating for the encoder), and its discriminator
   (DIM's 1000-200-1 prior discriminator) takes `--disc-steps 10` steps per encoder step.
 - The local map C(x) is not given: S's is the last conv layer's 4x4 map (`--local-layer
   conv`), Z's the 8x8 map before it (`--exclusive-local-layer c2`); on colourful-MNIST the
-  4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X.
-- Dot critic embedding 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
-- Not given by the paper: 36 + 24 epochs on colourful digits, 20 + 20 on colourful-MNIST.
-  `--max-steps` caps each stage.
+  4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X. The
+  dot critic embeds 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
 - Evaluation: an MLP probe (one 200-unit hidden layer; `--probe linear`, or `whitened-mlp` on
   PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
