@@ -56,6 +56,7 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
 import contextlib
 import copy
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -312,8 +313,18 @@ def sample_prior(n, z_dim, z_scale, n_categories, device):
     return z, c
 
 
-def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, views=1,
-                     shear=0.0, scale=0.2):
+class Clustering(NamedTuple):
+    """Settings of clu_mi, IIC's term: balance is IIC's lambda (common.cluster_information);
+    views how many warps t(x) of each image it pairs with it (IIC's repeated transforms: its
+    joint P(y, y') is then estimated from views * N pairs); shear and scale the warp's largest
+    horizontal shear and change of width and height (common.random_affine)."""
+    balance: float = 1.0
+    views: int = 1
+    shear: float = 0.0
+    scale: float = 0.2
+
+
+def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering()):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. With l_g = G(z, c),
     x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g), sp(t) = log(1 + e^t) and t(x)
@@ -333,12 +344,8 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
     Nothing is detached between them: Dec "also maximises the mutual information between the
     condition and the generated samples" (§2) through cls_enc, as InfoGAN's generator does.
     sigma: instance noise on the images Dis reads and on the generated images E reads (not
-    on E's real images). balance: IIC's lambda in clu_mi (common.cluster_information);
-    views: how many warps t(x) of each image clu_mi pairs with it (IIC's repeated transforms:
-    its joint P(y, y') is then estimated from views * N pairs); shear and scale: the warp's
-    largest horizontal shear and change of width and height (common.random_affine);
-    clustering=False leaves clu_mi out (its weight is 0), which spares the warps and E's pass
-    over them.
+    on E's real images). clustering: clu_mi's settings (Clustering); None leaves clu_mi out
+    (its weight is 0), which spares the warps and E's pass over them.
 
     Returns (terms, tensors): terms by name, and the intermediate l_g, x_g, x_r, l_ge that
     the critics' losses reuse (detached there).
@@ -347,8 +354,10 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
     Dis, SC, LC = (nets[k] for k in CRITICS)
     onehot = F.one_hot(c, C.net[-1].out_features).to(x.dtype)
     # before the noise: the same warps at any sigma
-    x_warped = (common.random_affine(x.repeat(views, 1, 1, 1), max_scale=scale, max_shear=shear)
-                if clustering else None)
+    if clustering is not None:
+        views = clustering.views
+        x_warped = common.random_affine(x.repeat(views, 1, 1, 1), max_scale=clustering.scale,
+                                        max_shear=clustering.shear)
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images
@@ -365,9 +374,9 @@ def min_player_terms(nets, x, z, c, sigma=0.0, balance=1.0, clustering=True, vie
             "enc_lat": F.softplus(-LC(l_e)).mean(),
             "gen_lat": F.softplus(LC(l_g)).mean(),
         }
-        if clustering:
+        if clustering is not None:
             terms["clu_mi"] = -common.cluster_information(C(l_e).repeat(views, 1),
-                                                          C(E(x_warped)["y"]), balance)
+                                                          C(E(x_warped)["y"]), clustering.balance)
     return terms, {"onehot": onehot, "l_g": l_g, "x_g": x_g, "x_r": x_r, "l_ge": l_ge, "l_e": l_e}
 
 
@@ -409,10 +418,8 @@ class MinPlayers(nn.Module):
         self.players = nn.ModuleDict({k: nets[k] for k in MIN_PLAYERS})
         self.critics = {k: nets[k] for k in CRITICS}
 
-    def forward(self, x, z, c, sigma=0.0, balance=1.0, clustering=True, views=1, shear=0.0,
-                scale=0.2):
-        return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, balance,
-                                clustering, views, shear, scale)
+    def forward(self, x, z, c, sigma=0.0, clustering=Clustering()):
+        return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, clustering)
 
 
 class Critics(nn.Module):
@@ -529,6 +536,8 @@ def train(args):
     fast = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}
     players = common.wrap_ddp(MinPlayers(fast), device)
     critics_net = common.wrap_ddp(Critics(fast), device)
+    clustering = (Clustering(args.cluster_balance, args.cluster_views, args.cluster_shear,
+                             args.cluster_scale) if args.cluster_mi > 0 else None)
     if world > 1:  # DDP gave every rank rank 0's weights; now each draws its own z and c
         torch.manual_seed(args.seed + rank)
     quiet = args.no_progress or rank > 0
@@ -560,8 +569,7 @@ def train(args):
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
             # E, Dec, G, C: one step on the weighted sum, the critics frozen
             with common.autocast(device, args.amp):
-                terms, t = players(x, z, c, sigma, args.cluster_balance, args.cluster_mi > 0,
-                                   args.cluster_views, args.cluster_shear, args.cluster_scale)
+                terms, t = players(x, z, c, sigma, clustering)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
             check_finite(loss, terms, nets, step, args)

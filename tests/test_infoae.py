@@ -149,7 +149,7 @@ def test_weights_scale_the_documented_terms(digits):
     assert torch.allclose(le, 0.5 * terms["enc_lat"])
     assert torch.allclose(lg, 0.25 * terms["gen_lat"])
     # clu_mi is ~0 for an untrained C at balance 1 (no information yet); at 2 it is not
-    terms_2, _ = infoae.min_player_terms(nets, x, z, c, balance=2.0)
+    terms_2, _ = infoae.min_player_terms(nets, x, z, c, clustering=infoae.Clustering(2.0))
     assert float(terms_2["clu_mi"].detach()) < -1.0
     cm = (infoae.min_player_loss(terms_2, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 3.0)
           - infoae.min_player_loss(terms_2, 0.0, 0.0, 0.0))
@@ -159,7 +159,7 @@ def test_weights_scale_the_documented_terms(digits):
                           infoae.min_player_loss(terms, 1.0, 1.0, 0.4, 10.0, 0.0, 0.0, 0.0))
     # at weight 0 the clustering term is not built at all (no warp, no third pass of E); every
     # other term, and the weighted sum, are what they are with it built
-    bare, _ = infoae.min_player_terms(nets, x, z, c, clustering=False)
+    bare, _ = infoae.min_player_terms(nets, x, z, c, clustering=None)
     full, _ = infoae.min_player_terms(nets, x, z, c)
     assert "clu_mi" not in bare and set(bare) | {"clu_mi"} == set(full)
     for k in bare:
@@ -178,7 +178,8 @@ def test_cluster_views_pair_each_image_with_its_own_warps(digits):
         C.net[-1].weight.mul_(30)
     views = 3
     torch.manual_seed(5)
-    terms, _ = infoae.min_player_terms(nets, x, z, c, balance=2.0, views=views)
+    setting = infoae.Clustering(balance=2.0, views=views)
+    terms, _ = infoae.min_player_terms(nets, x, z, c, clustering=setting)
     torch.manual_seed(5)  # the warps are drawn first, from the global generator
     warped = common.random_affine(x.repeat(views, 1, 1, 1))
     assert not torch.allclose(warped[:N], warped[N:2 * N])  # each view its own warp
