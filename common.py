@@ -121,7 +121,7 @@ def check_batch(batch_size, world, n_train):
                         "lower it")
 
 
-def add_common_args(parser, epochs, batch_size, lr, eval_every=1):
+def add_common_args(parser, epochs, batch_size, lr, eval_every=1, eval_unit="epochs"):
     """Flags every training script has, spelled the same everywhere."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
@@ -143,8 +143,8 @@ def add_common_args(parser, epochs, batch_size, lr, eval_every=1):
                    help="continue the run whose checkpoint.pt is at PATH")
     g.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
     g.add_argument("--eval-every", type=nonneg_int, default=eval_every, metavar="K",
-                   help="run the test-split monitor every K epochs and after the last (0: never; "
-                        "default %(default)s, about 5%% of a run or less)")
+                   help=f"run the test-split monitor every K {eval_unit} and after the last "
+                        "(0: never; default %(default)s, about 5%% of a run or less)")
     return parser
 
 
@@ -294,15 +294,16 @@ def random_shift(x, max_shift, generator=None):
 
 
 def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.0,
-                  generator=None):
+                  flip=0.0, generator=None):
     """Each image warped by its own random rotation (up to max_rotate degrees either way),
     scaling of its width and of its height (each by 1 +- max_scale), shift (up to max_shift
     of the half-width, 1.6 pixels of 32) and, where max_shear > 0, horizontal shear (x moved
     by up to max_shear times y, a change of slant); what enters the frame is background, -1
     (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
-    proportions: a 1 that leans or is wide stays a 1. Draws from `generator` (a CPU one)
-    where given, else from the global generator on x's device (the shear's draw comes last,
-    and only where it is on, so warps without it are what they were)."""
+    proportions: a 1 that leans or is wide stays a 1. With probability `flip` an image is
+    also mirrored left to right. Draws from `generator` (a CPU one) where given, else from
+    the global generator on x's device (the shear's and the flip's draws come last, and only
+    where they are on, so warps without them are what they were)."""
     n = len(x)
 
     def uniform(*shape):  # in [-1, 1)
@@ -321,6 +322,9 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.
         shear = torch.eye(3, device=x.device).repeat(n, 1, 1)
         shear[:, 0, 1] = uniform(n) * max_shear
         theta = theta @ shear
+    if flip > 0:  # output column u reads the input at -u
+        mirror = torch.where((uniform(n) + 1) / 2 < flip, -1.0, 1.0)
+        theta = theta * torch.stack([mirror, torch.ones_like(mirror), torch.ones_like(mirror)], 1)[:, None, :]
     grid = F.affine_grid(theta, x.shape, align_corners=False)
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 
@@ -1506,19 +1510,31 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k):
     return float(clf.fit(train_x[keep], train_y[keep]).score(test_x, test_y))
 
 
+def spread_subset(n, cap):
+    """At most `cap` of range(n), evenly spaced: a fixed subset that draws nothing random."""
+    return torch.arange(n) if n <= cap else torch.linspace(0, n - 1, cap).round().long()
+
+
 @torch.no_grad()
-def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500):
+def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500, max_train=5000,
+                max_test=1000, amp=False):
     """k-NN accuracy of the test split on `tap`, neighbours from the train split: the
-    per-epoch monitor. The encoder runs in eval() (BatchNorm statistics stay put) and both
-    splits are read without augmentation, so nothing random is drawn and training continues
-    exactly as it would have without it."""
+    monitor. Large splits are read through fixed, evenly spaced subsets (max_train
+    neighbours, max_test queries), so that on 60,000 images it costs seconds, not minutes:
+    with fewer neighbours it reads a few points under the final k-NN probe, which reads
+    every image. The encoder runs in eval() (BatchNorm statistics stay put) and both splits
+    are read without augmentation, so nothing random is drawn and training continues exactly
+    as it would have without it."""
     was_training = encoder.training
     encoder.eval()
     feats = {}
-    for split in ("train", "test"):
+    for split, cap in (("train", max_train), ("test", max_test)):
         x, y = data.split(split)
-        out = [encoder(data.preprocess(x[i:i + batch_size], train=False).to(device))[tap]
-               .flatten(1).float().cpu() for i in range(0, len(x), batch_size)]
+        keep = spread_subset(len(x), cap).to(x.device)
+        x, y = x[keep], y[keep]
+        with autocast(device, amp):
+            out = [encoder(data.preprocess(x[i:i + batch_size], train=False).to(device))[tap]
+                   .flatten(1).float().cpu() for i in range(0, len(x), batch_size)]
         feats[split] = (torch.cat(out).numpy(), y.cpu().numpy())
     encoder.train(was_training)
     return knn_accuracy(*feats["train"], *feats["test"], k)
@@ -1531,8 +1547,9 @@ def eval_due(every, epoch, last):
 
 
 def plot_curves(metrics_path, png_path, monitor_keys, baselines=None):
-    """curves.png: the per-epoch loss terms, MI estimates and monitor against steps (the
-    untrained encoder's monitor dashed), written atomically (a viewer never sees half a file)."""
+    """curves.png: the logged loss terms, MI estimates and monitor against steps, and the
+    monitor against minutes of training (time to accuracy); the untrained encoder's monitor
+    dashed. Written atomically (a viewer never sees half a file)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1544,15 +1561,18 @@ def plot_curves(metrics_path, png_path, monitor_keys, baselines=None):
     panels = {"monitor (test split)": [k for k in keys if k in monitor_keys],
               "MI estimates": [k for k in keys if k not in monitor_keys and "mi" in k.split("_")],
               "loss terms": [k for k in keys if k not in monitor_keys and "mi" not in k.split("_")]}
+    if panels["monitor (test split)"] and all("time" in r for r in rows):
+        panels["monitor against time"] = panels["monitor (test split)"]
     panels = {t: ks for t, ks in panels.items() if ks}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, ks) in zip(axes[0], panels.items()):
+        x_key, x_scale = ("time", 1 / 60) if title == "monitor against time" else ("step", 1)
         for k in ks:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
+            pts = [(r[x_key] * x_scale, r[k]) for r in rows if k in r]
             line, = ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k)
             if (baselines or {}).get(k) is not None:
                 ax.axhline(baselines[k], ls="--", color=line.get_color(), label=f"{k}, untrained")
-        ax.set(title=title, xlabel="step")
+        ax.set(title=title, xlabel="minutes" if x_key == "time" else "step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(png_path) or ".", suffix=".png")

@@ -66,9 +66,26 @@ from common import UserError
 SCRIPT = "dim_local"
 
 
+# The defaults are the recipe measured on real images (docs/dim.md); `--paper` restores the
+# paper's configuration instead (arXiv:1808.06670, Sec. 4 and App. A.2). A flag given on the
+# command line wins over both. Lengths: the paper's epochs, or the recipe's (recipe_epochs).
+PAPER = {"lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048, "shift": 0, "cross_view": "none",
+         "flip": 0.0, "gamma": 0.1}
+RECIPE = {"lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2, "cross_view": "warp",
+          "flip": 0.5, "gamma": 0.0}
+
+
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=1)
+    common.add_common_args(p, epochs=None, batch_size=64, lr=None, eval_every=1, eval_unit="metrics lines")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's configuration instead of the recipe (see PAPER, RECIPE)")
+    p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                   help=f"constant, or cosine decay to 0 over the run's steps (paper "
+                        f"{PAPER['lr_schedule']}, recipe {RECIPE['lr_schedule']})")
+    p.add_argument("--log-every", type=common.nonneg_int, default=0, metavar="STEPS",
+                   help="a metrics line (and the monitor, see --eval-every) every STEPS steps "
+                        "(0: about 20 lines a run)")
     p.add_argument("--loss", default="infonce", choices=sorted(common.BOUNDS),
                    help="MI estimator: jsd, infonce or dv (Table 1)")
     p.add_argument("--critic", default="dot", choices=["dot", "concat"],
@@ -77,8 +94,9 @@ def parse_args(argv=None):
                    help="weight of global MI (alpha, Eq. 8)")
     p.add_argument("--beta", type=common.nonneg_float, default=1.0,
                    help="weight of local MI (beta, Eq. 8)")
-    p.add_argument("--gamma", type=common.nonneg_float, default=0.1,
-                   help="weight of prior matching (gamma, Eq. 8)")
+    p.add_argument("--gamma", type=common.nonneg_float, default=None,
+                   help=f"weight of prior matching (gamma, Eq. 8; paper {PAPER['gamma']}, recipe "
+                        f"{RECIPE['gamma']})")
     p.add_argument("--encoder", default="auto", choices=["auto", "dcgan", "alexnet", "resnet"],
                    help="auto: dcgan for 32x32, alexnet for 64x64 (paper, App. A.2); resnet as "
                         "in the CPC comparison (Table 3)")
@@ -86,18 +104,25 @@ def parse_args(argv=None):
                    help="encoder tap giving C(x) for the local objective (default: the "
                         "encoder's next-to-last conv map, as for CIFAR in the paper)")
     p.add_argument("--y-dim", type=common.positive_int, default=64, help="size of y = E(x)")
-    p.add_argument("--embed-dim", type=common.positive_int, default=2048,
-                   help="dot critic embedding width (paper 2048; smaller is faster on CPU)")
+    p.add_argument("--embed-dim", type=common.positive_int, default=None,
+                   help=f"dot critic embedding width (paper {PAPER['embed_dim']}, recipe "
+                        f"{RECIPE['embed_dim']}: faster on a CPU)")
     p.add_argument("--score-scale", type=common.positive_float, default=None,
                    help="the dot critic's scores are this times <g, l> (default 1/sqrt(--embed-dim); "
                         "the paper's raw dot product is 1)")
-    p.add_argument("--shift", type=common.nonneg_int, default=0, metavar="K",
-                   help="translate each training image by up to K pixels (0: no augmentation, "
-                        "as in the paper outside STL-10)")
-    p.add_argument("--cross-view", default="none", choices=["none", "shift", "warp"],
-                   help="compute y from a second view of each image (not in the paper; two "
+    p.add_argument("--shift", type=common.nonneg_int, default=None, metavar="K",
+                   help=f"translate each training image by up to K pixels (paper "
+                        f"{PAPER['shift']}: no augmentation outside STL-10; recipe {RECIPE['shift']})")
+    p.add_argument("--cross-view", default=None, choices=["none", "shift", "warp"],
+                   help=f"compute y from a second view of each image (paper {PAPER['cross_view']}, "
+                        f"recipe {RECIPE['cross_view']}; two "
                         "encoder passes per step): shift: shifted again by up to --shift px; "
                         "warp: rotated up to 25 degrees, scaled by up to 20%%, shifted 1.6 px")
+    p.add_argument("--flip", type=common.probability, default=None,
+                   help="with --cross-view warp: probability that the second view is also "
+                        f"mirrored left to right (paper {PAPER['flip']}, recipe {RECIPE['flip']})")
+    p.add_argument("--warp-strength", type=common.nonneg_float, default=1.0,
+                   help="with --cross-view warp: multiplies its rotation, scaling and shift")
     p.add_argument("--occlude", action="store_true",
                    help="compute y from randomly occluded inputs, local features from the full "
                         "input (Table 5; two encoder passes per step)")
@@ -110,8 +135,11 @@ def parse_args(argv=None):
     p.add_argument("--multi-global", type=common.nonneg_int, default=0, metavar="K",
                    help="K less-global features from random blocks of the local map (Table 3)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
-    if args.epochs is None:
-        args.epochs = {"digits": 6, "cifar10": 1000, "cifar100": 1000}.get(args.dataset, 200)
+    for key, value in (PAPER if args.paper else RECIPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.epochs is None and args.paper:  # the paper's: 1000 on CIFAR, 200 elsewhere
+        args.epochs = 1000 if args.dataset in ("cifar10", "cifar100") else 200
     if args.score_scale is None:
         args.score_scale = args.embed_dim ** -0.5
     if args.alpha == args.beta == 0:
@@ -121,6 +149,12 @@ def parse_args(argv=None):
     if args.multi_global and args.beta == 0:
         p.error("--multi-global scores features with the local critic: it needs --beta > 0")
     return args
+
+
+def recipe_epochs(n_train, batch_size, min_steps=620, min_epochs=8):
+    """The recipe's length: at least `min_epochs` passes over the data and at least
+    `min_steps` optimiser steps (what small sets need), whichever is longer."""
+    return max(min_epochs, math.ceil(min_steps / (n_train // batch_size)))
 
 
 def occlude(x, fields, disjoint_pairs, block, p):
@@ -208,6 +242,8 @@ def train(args):
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device)
     common.check_batch(args.batch_size, world, len(data.train_x))
+    if args.epochs is None:  # the recipe's length, from the data's size (in args.json)
+        args.epochs = recipe_epochs(len(data.train_x), args.batch_size)
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)
     encoder = common.build_encoder(enc_cfg).to(device)
     shapes = common.tap_shapes(encoder, data.image_shape, device)
@@ -234,10 +270,15 @@ def train(args):
     if prior_disc is not None:
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
     # the monitor's baseline: the untrained encoder (the one every run starts from)
-    knn_y_random_init = common.knn_monitor(encoder, data, device) if args.eval_every and rank == 0 else None
+    knn_y_random_init = common.knn_monitor(encoder, data, device, amp=args.amp) if args.eval_every and rank == 0 else None
 
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
+    steps_per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True, world_size=world)
+    planned_steps = args.epochs * steps_per_epoch  # the schedule's length; --max-steps cuts it short
+    total_steps = min(planned_steps, args.max_steps or math.inf)
+    if not args.log_every:  # fixed once, in args.json, so a resumed run logs at the same steps
+        args.log_every = max(1, round(planned_steps / 20))
     run = common.Run(SCRIPT, args, run_dir)
     bound = common.BOUNDS[args.loss]
     # DDP / compiled views for training; the plain modules are what gets saved
@@ -254,11 +295,12 @@ def train(args):
 
     t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
+    # the running sums of the current metrics line, carried over epochs and checkpoints
+    sums = dict(common.load_checkpoint(args.resume).get("extra", {}).get("sums", {})) if args.resume else {}
     for epoch in range(start_epoch, args.epochs):
-        if args.max_steps and step >= args.max_steps:
+        if step >= total_steps:
             break
         gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
-        sums, n_steps = {}, 0
         per_rank = args.batch_size // world  # --batch-size is the global batch
         bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=gen,
                                            drop_last=True, rank=rank, world_size=world),
@@ -267,7 +309,9 @@ def train(args):
         for batch, _ in bar:
             x = common.random_shift(batch, args.shift, gen)  # what every term but y reads
             x_y = (common.random_shift(batch, args.shift, gen) if args.cross_view == "shift" else
-                   common.random_affine(batch, generator=gen) if args.cross_view == "warp" else
+                   common.random_affine(batch, 25.0 * args.warp_strength, 0.2 * args.warp_strength,
+                                        0.1 * args.warp_strength, flip=args.flip, generator=gen)
+                   if args.cross_view == "warp" else
                    x)  # the view y is computed from
             if x_y is not x and step == 0 and rank == 0:  # each image beside its second view
                 common.save_image_grid(torch.stack((x[:32], x_y[:32]), 1).flatten(0, 1),
@@ -308,6 +352,10 @@ def train(args):
                     logs["prior_gen"] = common.prior_encoder_loss(prior, y)
                     loss = loss + args.gamma * logs["prior_gen"]
             common.check_finite(loss, step)
+            if args.lr_schedule == "cosine":  # a function of the step alone: resumes exactly
+                for opt in optimizers.values():
+                    for group in opt.param_groups:
+                        group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / planned_steps))
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
@@ -318,27 +366,29 @@ def train(args):
                 optimizers["disc_opt"].step()
                 logs["prior_disc"] = d_loss
             step += 1
-            n_steps += 1
             logs["loss"] = loss
+            sums["n"] = sums.get("n", 0) + 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs}, **shown)
-            if args.max_steps and step >= args.max_steps:
+            last = step >= total_steps
+            if step % args.log_every == 0 or last:  # a metrics line: the mean of each term since the last
+                stats = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+                sums = {}
+                if rank == 0 and common.eval_due(args.eval_every, step // args.log_every - 1, last):
+                    stats["knn_y"] = common.knn_monitor(encoder, data, device, amp=args.amp)
+                    shown["knn_y"] = f"{stats['knn_y']:.3f}"
+                run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
+                if rank == 0:
+                    common.plot_curves(run.metrics_path, run.path("curves.png"), ["knn_y"],
+                                       {"knn_y": knn_y_random_init})
+            if last:
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
-        if rank == 0 and common.eval_due(args.eval_every, epoch, last):
-            stats["knn_y"] = common.knn_monitor(encoder, data, device)
-            shown["knn_y"] = f"{stats['knn_y']:.3f}"
-        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
-            common.plot_curves(run.metrics_path, run.path("curves.png"), ["knn_y"],
-                              {"knn_y": knn_y_random_init})
         common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=encoder,
                                encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                                step=step, modules=nets, optimizers=optimizers,
-                               elapsed=time.time() - t0)
+                               extra={"sums": sums}, elapsed=time.time() - t0)
 
     common.finish_distributed()  # the rest is rank 0's alone
     if rank > 0:

@@ -1,15 +1,17 @@
 """Every method's documented recipe, run and evaluated by one command.
 
     python benchmarks/reproduce.py                                   # the bundled digits
-    python benchmarks/reproduce.py --data-root DIR --seeds 0,1,2     # DIR/MNIST/raw/*-ubyte
+    python benchmarks/reproduce.py --dataset mnist --data-root DIR --seeds 0,1,2   # DIR/MNIST/raw
+    python benchmarks/reproduce.py --dataset fashion-mnist --data-root DIR --only dim_local
     python benchmarks/reproduce.py --merge a.json b.json --out all.json   # calls run side by side
 
-Each recipe is one command line of a training script (RECIPES below); with --data-root it
-trains on MNIST there (colourful-MNIST pairs built from it for shared_exclusive), without it
-on the bundled digits. Every run is evaluated with eval_probe.py's probes (DIM) or with the
-numbers the script logs for its own representation (InfoGAN and InfoAE: clustering accuracy
-of the categorical code; shared/exclusive: what S and Z predict). The baselines are measured
-in the same call: logistic regression and k-means on raw pixels, and the untrained encoder.
+Each recipe is one command line of a training script (RECIPES below), on the bundled digits
+or on MNIST / Fashion-MNIST read offline from --data-root (colourful-MNIST pairs built from
+MNIST for shared_exclusive). Every run is evaluated with eval_probe.py's probes (DIM) or with
+the numbers the script logs for its own representation (InfoGAN and InfoAE: clustering
+accuracy of the categorical code; shared/exclusive: what S and Z predict). The baselines are
+measured in the same call: logistic regression, cosine 20-NN and k-means on raw pixels, and
+the untrained encoder.
 
 Numbers depend on the thread count (float reductions are split differently), the torch
 version and the device, so the runs use a fixed --threads and the JSON records all three.
@@ -29,7 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# method -> (script, flags on the bundled digits, flags on MNIST). DATA is --data-root.
+# method -> (script, flags). A dataset other than the bundled digits adds --dataset and
+# --data-root (shared_exclusive: the colourful pairs built from it, see PAIR_DATASETS).
 IA_PAPER = ["--latent-adv", "0", "--latent-adv-gen", "0", "--instance-noise", "0", "--cluster-mi", "0",
             "--beta", "1"]  # infoae.py's defaults on datasets other than digits and MNIST
 IG_PAPER = ["--lambda-cat", "1", "--instance-noise", "0", "--cluster-mi", "0"]
@@ -38,35 +41,33 @@ SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8
             "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0",
             "--local-layer", "c2", "--exclusive-local-layer", "c2"]  # the paper names no layer
 RECIPES = {
-    # DIM on a CPU (docs/dim.md): both with 2-px shifts and y from a warped second view
-    # (neither in the paper) and no prior term (paper 0.1 for DIM(L), 1 for DIM(G)); DIM(L)
-    # with a 512-wide critic (paper 2048) for about 4x the steps a minute, 620 steps of 64;
-    # DIM(G) with batches of 256 (paper 64: log 64 caps its bound), 140 steps
-    "dim_local": ("dim_local.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--embed-dim", "512",
-                                       "--shift", "2", "--cross-view", "warp", "--gamma", "0",
-                                       "--epochs", "20"]),
-    "dim_global": ("dim_global.py", [], ["--dataset", "mnist", "--data-root", "DATA", "--shift", "2",
-                                         "--cross-view", "warp", "--gamma", "0", "--batch-size", "256",
-                                         "--epochs", "20"]),
+    # DIM: the scripts' defaults are the measured recipe (docs/dim.md); --paper restores the
+    # paper's configuration
+    "dim_local": ("dim_local.py", []),
+    "dim_local_paper": ("dim_local.py", ["--paper"]),
+    "dim_global": ("dim_global.py", []),
+    "dim_global_paper": ("dim_global.py", ["--paper"]),
     # InfoGAN: infogan.py's digits / MNIST defaults (the clustering term at 4, widths 32 / 256;
     # on MNIST 3,100 steps); infogan_paper: the paper's losses alone (lambda_cat 1, no
     # instance noise, no clustering term), the same widths and steps
-    "infogan": ("infogan.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
-    "infogan_paper": ("infogan.py", IG_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IG_PAPER]),
+    "infogan": ("infogan.py", []),
+    "infogan_paper": ("infogan.py", IG_PAPER),
     # InfoAE: infoae.py's MNIST defaults (the additions, the clustering term at 16 over 8
-    # sheared and stretched warps of each image, widths 16 / 256, 4,960 steps); infoae_paper: the paper's losses alone, the same widths, 2,480 steps
-    "infoae": ("infoae.py", [], ["--dataset", "mnist", "--data-root", "DATA"]),
-    "infoae_paper": ("infoae.py", IA_PAPER, ["--dataset", "mnist", "--data-root", "DATA", *IA_PAPER,
-                                             "--epochs", "40"]),
+    # sheared and stretched warps of each image, widths 16 / 256, 4,960 steps); infoae_paper:
+    # the paper's losses alone, the same widths, 2,480 steps on MNIST (--epochs 40 there)
+    "infoae": ("infoae.py", []),
+    "infoae_paper": ("infoae.py", IA_PAPER),
     # shared/exclusive: the MLP probe and the MLP on PCA-whitened codes (what lies in
     # directions of small variance), in one run
-    "shared_exclusive": ("shared_exclusive.py", SE_PROBES,
-                         ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PROBES]),
+    "shared_exclusive": ("shared_exclusive.py", SE_PROBES),
     # the paper's recipe (arXiv:1912.03915): 64-d S and 8-d Z, neither normalised, L1 0.1,
     # the S-Z adversary at 0.1 and no HSIC; the local maps as when this row was measured
-    "shared_exclusive_paper": ("shared_exclusive.py", [*SE_PAPER, *SE_PROBES],
-                               ["--dataset", "colorful-mnist", "--data-root", "DATA", *SE_PAPER, *SE_PROBES]),
+    "shared_exclusive_paper": ("shared_exclusive.py", [*SE_PAPER, *SE_PROBES]),
 }
+EXTRA_FLAGS = {("infoae_paper", "mnist"): ["--epochs", "40"]}
+# dataset -> the folder torchvision reads under --data-root
+RAW_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
+PAIR_DATASETS = {"mnist": "colorful-mnist"}  # shared_exclusive's pairs; digits: its default
 SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP probe)
     "s_x_digit": "acc_SX_digit", "s_y_digit": "acc_SY_digit",
     "s_x_background": "acc_SX_background", "s_y_foreground": "acc_SY_foreground",
@@ -78,8 +79,12 @@ SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-mlp" for k, v in l
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits", choices=["digits", *RAW_FOLDERS],
+                   help="digits: scikit-learn's bundled digits (offline); mnist, fashion-mnist: "
+                        "read from --data-root in torchvision's layout")
     p.add_argument("--data-root", default=None,
-                   help="folder holding MNIST in torchvision's layout (default: bundled digits)")
+                   help="folder holding DATASET in torchvision's layout (DIR/MNIST/raw, "
+                        "DIR/FashionMNIST/raw); with no --dataset it means mnist")
     p.add_argument("--only", default=",".join(RECIPES),
                    help="comma-separated subset of " + ",".join(RECIPES))
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -103,18 +108,32 @@ def parse_args(argv=None):
         p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.data_root is not None:
-        raw = os.path.join(args.data_root, "MNIST", "raw")
+    if args.data_root is not None and args.dataset == "digits":
+        args.dataset = "mnist"  # the older spelling: --data-root alone meant MNIST
+    if args.dataset != "digits":
+        if args.data_root is None:
+            p.error(f"--dataset {args.dataset} needs --data-root DIR holding {RAW_FOLDERS[args.dataset]}")
+        raw = os.path.join(args.data_root, RAW_FOLDERS[args.dataset])
         if not os.path.isdir(raw):
-            p.error(f"--data-root {args.data_root} has no MNIST/raw folder (torchvision's layout)")
+            p.error(f"--data-root {args.data_root} has no {RAW_FOLDERS[args.dataset]} folder "
+                    "(torchvision's layout)")
+    no_pairs = [m for m in args.only if m.startswith("shared_exclusive")
+                and args.dataset not in ("digits", *PAIR_DATASETS)]
+    if no_pairs:
+        p.error(f"{', '.join(no_pairs)}: no colourful pairs are built from {args.dataset}; "
+                f"leave it out of --only")
     return args
 
 
-def recipe_command(method, data_root, seed):
+def recipe_command(method, dataset, data_root, seed):
     """The command line behind a number, as a user would type it."""
-    script, digits_flags, mnist_flags = RECIPES[method]
-    flags = digits_flags if data_root is None else [data_root if f == "DATA" else f for f in mnist_flags]
-    return ["python", script, *flags, "--seed", str(seed)]
+    script, flags = RECIPES[method]
+    data = []
+    if dataset != "digits":
+        name = PAIR_DATASETS[dataset] if method.startswith("shared_exclusive") else dataset
+        data = ["--dataset", name, "--data-root", data_root]
+    return ["python", script, *data, *flags, *EXTRA_FLAGS.get((method, dataset), []),
+            "--seed", str(seed)]
 
 
 def environment(threads):
@@ -163,7 +182,7 @@ def probe(checkpoint, threads, log_path, random_init=False):
 
 def metrics_of(method, run_dir, threads):
     m = last_metrics(run_dir)
-    if method in ("dim_local", "dim_global"):
+    if method.startswith("dim_"):
         ckpt = os.path.join(run_dir, "checkpoint.pt")
         res = probe(ckpt, threads, os.path.join(run_dir, "eval.log"))
         rnd = probe(ckpt, threads, os.path.join(run_dir, "eval-random-init.log"), random_init=True)
@@ -178,22 +197,26 @@ def metrics_of(method, run_dir, threads):
     return {k: m[v] for k, v in SHARED_EXCLUSIVE_KEYS.items()}
 
 
-def pixel_baselines(data_root):
-    """Logistic regression and k-means on raw pixels of the test split."""
+def pixel_baselines(dataset, data_root):
+    """Raw pixels of the test split (images as the scripts read them, 32x32): standardised
+    logistic regression, cosine 20-NN (neighbours from the train split) and k-means."""
     import torch
     import common
-    data = common.load_data("digits" if data_root is None else "mnist", data_root or "./data")
+    data = common.load_data(dataset, data_root or "./data")
     flat = lambda x: (x.float() / 255).flatten(1).numpy()
     tx, vx = flat(data.train_x), flat(data.test_x)
     ty, vy = data.train_y.numpy(), data.test_y.numpy()
     torch.set_num_threads(1)
     return {"pixels_linear": common.linear_probe(tx, ty, vx, vy),
+            "pixels_knn": common.knn_accuracy(tx, ty, vx, vy, k=20),
             "pixels_kmeans": common.kmeans_accuracy(vx, vy, data.n_classes, seed=0)}
 
 
 COLUMNS = {  # method -> the metrics its row shows
     "dim_local": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     "dim_global": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
+    "dim_local_paper": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
+    "dim_global_paper": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     **{m: ["cluster_acc"] for m in ("infogan", "infogan_paper", "infoae", "infoae_paper")},
 }  # shared_exclusive's rows: shared_exclusive_cell
 
@@ -205,7 +228,7 @@ def shared_exclusive_cell(m, suffix):
     return ", ".join(f"{name} {m[x + suffix]:.3f} / {m[y + suffix]:.3f}" for name, x, y in pairs)
 
 
-def markdown(results, data_root):
+def markdown(results):
     lines = ["| method | command | seed | result | minutes |", "| --- | --- | --- | --- | --- |"]
     for method in RECIPES:
         for seed, m in results.get(method, {}).items():
@@ -215,10 +238,11 @@ def markdown(results, data_root):
             for k in COLUMNS[method] if not cells else []:
                 base = m.get("untrained_" + k)
                 cells.append(f"{k} {m[k]:.3f}" + (f" (untrained {base:.3f})" if base is not None else ""))
-            cmd = shlex.join(recipe_command(method, data_root and "DIR", seed))
+            cmd = shlex.join(recipe_command(method, results["dataset"], "DIR", seed))
             lines.append(f"| {method} | `{cmd}` | {seed} | {', '.join(cells)} | {m['minutes']:.1f} |")
     b = results["baselines"]
-    lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}, k-means {b['pixels_kmeans']:.3f} | |")
+    knn = f", 20-NN {b['pixels_knn']:.3f}" if "pixels_knn" in b else ""
+    lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}{knn}, k-means {b['pixels_kmeans']:.3f} | |")
     return "\n".join(lines)
 
 
@@ -246,10 +270,10 @@ def merge(paths):
     return results
 
 
-def print_table(results, data_root, out):
+def print_table(results, out):
     env = results["environment"]
     print(f"\n{results['dataset']}; CPU, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, torch {env['torch']}\n")
-    print(markdown(results, data_root))
+    print(markdown(results))
     print(f"\nwrote {out}")
 
 
@@ -259,15 +283,15 @@ def main(argv=None):
         results = merge(args.merge)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-        print_table(results, None if results["dataset"] == "bundled digits" else "DIR", args.out)
+        print_table(results, args.out)
         return
     results = {"environment": environment(args.threads),
-               "dataset": "bundled digits" if args.data_root is None else f"MNIST at {args.data_root}",
-               "baselines": pixel_baselines(args.data_root)}
+               "dataset": args.dataset, "data_root": args.data_root,
+               "baselines": pixel_baselines(args.dataset, args.data_root)}
     keep = args.keep_runs or tempfile.mkdtemp(prefix="reproduce-")
     for method in args.only:
         for seed in args.seeds:
-            cmd = recipe_command(method, args.data_root, seed)
+            cmd = recipe_command(method, args.dataset, args.data_root, seed)
             out_dir = os.path.join(keep, f"{method}-seed{seed}")
             os.makedirs(out_dir, exist_ok=False)
             print(f"{shlex.join(cmd)}  ({args.threads} threads)", flush=True)
@@ -290,7 +314,7 @@ def main(argv=None):
             with open(args.out, "w") as f:  # after every run, so a long call can be read midway
                 json.dump(results, f, indent=2)
     print(f"\nruns kept in {keep}")
-    print_table(results, args.data_root, args.out)
+    print_table(results, args.out)
 
 
 if __name__ == "__main__":

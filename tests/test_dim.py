@@ -44,7 +44,8 @@ def test_smoke_three_steps_write_a_checkpoint_that_eval_probe_rebuilds(tmp_path,
     assert ckpt["step"] == 3 and ckpt["script"] == script.__name__
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["encoder"])
     metrics = read_metrics(run.dir)
-    assert metrics[0]["step"] == 3 and np.isfinite(metrics[0]["loss"])
+    lines = [m for m in metrics if "loss" in m]  # a line every --log-every steps and at the end
+    assert lines[-1]["step"] == 3 and np.isfinite(lines[-1]["loss"])
     result = eval_probe.main([run.path("checkpoint.pt"), "--probes", "linear,knn,kmeans",
                               "--device", "cpu"])
     taps = [r["tap"] for r in result["results"]]
@@ -56,8 +57,8 @@ def test_smoke_three_steps_write_a_checkpoint_that_eval_probe_rebuilds(tmp_path,
 
 def test_training_raises_the_local_bound(tmp_path):
     run = dim_local.train(dim_local.parse_args(
-        ["--no-progress", "--epochs", "2", "--max-steps", "30", "--embed-dim", "256", "--gamma", "0",
-         "--lr", "5e-4", "--out-dir", str(tmp_path)]))
+        ["--paper", "--no-progress", "--epochs", "2", "--max-steps", "30", "--embed-dim", "256",
+         "--gamma", "0", "--lr", "5e-4", "--log-every", "15", "--out-dir", str(tmp_path)]))
     epochs = [m for m in read_metrics(run.dir) if "local_mi" in m]
     # infoNCE with (N-1)*M^2+1 = 4033 candidates: the scaled critic starts near 0 (not
     # saturated far below it) and the bound must climb from there
@@ -76,7 +77,9 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert (first["step"], first["epoch"]) == (2, 1) and (ckpt["step"], ckpt["epoch"]) == (5, 2)
     epochs = [m for m in read_metrics(run.dir) if "epoch" in m]
-    assert [(m["epoch"], m["step"]) for m in epochs] == [(1, 2), (2, 5)]
+    # the line every --log-every steps (resolved to 2 from the first run's length, kept in
+    # its args) and the last step's
+    assert [(m["epoch"], m["step"]) for m in epochs] == [(1, 2), (2, 4), (2, 5)]
     # optimiser state came back too: Adam's step count continues rather than restarting
     assert ckpt["optimizers"]["opt"]["state"][0]["step"].item() == 5
 
@@ -146,7 +149,7 @@ def test_offline_dataset_says_where_to_put_the_files(tmp_path):
 def test_dim_local_and_dim_global_differ_only_in_docstring_defaults_and_script_name():
     """The two scripts are one script with two sets of defaults (CleanRL-style variants):
     with the module docstring, every `default=` value, the defaults passed to
-    common.add_common_args and SCRIPT's value blanked, their syntax trees are identical, so a
+    common.add_common_args and the values of SCRIPT, PAPER and RECIPE blanked, their syntax trees are identical, so a
     fix to one cannot be forgotten in the other."""
     import ast
 
@@ -162,12 +165,24 @@ def test_dim_local_and_dim_global_differ_only_in_docstring_defaults_and_script_n
                 for kw in node.keywords:
                     kw.value = ast.Constant(None)
             if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                    and node.targets[0].id == "SCRIPT"):
+                    and node.targets[0].id in ("SCRIPT", "PAPER", "RECIPE")):
                 node.value = ast.Constant(None)
         return ast.dump(tree)
 
     assert normalised("dim_local.py") == normalised("dim_global.py")
     assert (dim_local.SCRIPT, dim_global.SCRIPT) == ("dim_local", "dim_global")
-    local, global_ = dim_local.parse_args([]), dim_global.parse_args([])
-    assert (local.alpha, local.beta, local.gamma) == (0.0, 1.0, 0.1)  # DIM(L)
-    assert (global_.alpha, global_.beta, global_.gamma) == (1.0, 0.0, 1.0)  # DIM(G)
+    local, global_ = dim_local.parse_args(["--paper"]), dim_global.parse_args(["--paper"])
+    assert (local.alpha, local.beta, local.gamma) == (0.0, 1.0, 0.1)  # DIM(L), the paper's
+    assert (global_.alpha, global_.beta, global_.gamma) == (1.0, 0.0, 1.0)  # DIM(G), the paper's
+    assert dim_local.parse_args([]).gamma == dim_global.parse_args([]).gamma == 0.0  # the recipe's
+
+
+def test_paper_restores_the_papers_configuration_and_a_given_flag_wins():
+    recipe, paper = dim_local.parse_args([]), dim_local.parse_args(["--paper"])
+    assert (paper.embed_dim, paper.lr, paper.shift, paper.cross_view, paper.gamma) == (2048, 1e-4, 0, "none", 0.1)
+    assert (paper.lr_schedule, paper.epochs, paper.score_scale) == ("constant", 200, 2048 ** -0.5)
+    assert recipe.epochs is None  # the recipe's length comes from the data's size
+    assert {k: getattr(recipe, k) for k in dim_local.RECIPE} == dim_local.RECIPE
+    mixed = dim_local.parse_args(["--paper", "--gamma", "0", "--embed-dim", "512"])
+    assert (mixed.gamma, mixed.embed_dim, mixed.lr) == (0.0, 512, 1e-4)
+    assert dim_local.recipe_epochs(60000, 64) == 8 and dim_local.recipe_epochs(1437, 64) == 29

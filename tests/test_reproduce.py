@@ -34,7 +34,7 @@ def test_reproduce_refuses_an_unknown_method_in_one_line(tmp_path):
 
 def test_merge_joins_calls_run_side_by_side_and_refuses_a_clash(tmp_path):
     env = {"threads": 1, "torch": "2.x", "device": "cpu"}
-    base = {"environment": env, "dataset": "MNIST at DIR",
+    base = {"environment": env, "dataset": "mnist",
             "baselines": {"pixels_linear": 0.886, "pixels_kmeans": 0.54}}
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
     a.write_text(json.dumps({**base, "infogan": {"0": {"cluster_acc": 0.61, "minutes": 9.0}}}))

@@ -25,8 +25,10 @@ SCRIPTS = {"dim_local": dim_local, "dim_global": dim_global, "infogan": infogan,
 # small networks, one step an epoch on the shrunken digits (below); instance noise off
 # because its annealing schedule is set by --epochs, which resuming to 4 epochs changes
 TINY = {
-    "dim_local": ["--embed-dim", "16", "--y-dim", "16"],  # gamma > 0: draws from torch's RNG
-    "dim_global": ["--y-dim", "16"],
+    # the paper's constant learning rate: a cosine schedule is set by --epochs (see
+    # test_dim_resume_inside_a_cosine_schedule); gamma > 0: draws from torch's RNG
+    "dim_local": ["--embed-dim", "16", "--y-dim", "16", "--lr-schedule", "constant", "--gamma", "0.1"],
+    "dim_global": ["--y-dim", "16", "--lr-schedule", "constant"],
     "infogan": ["--width", "8", "--fc-dim", "32", "--q-dim", "16", "--instance-noise", "0"],
     "infoae": ["--width", "4", "--hidden", "32", "--instance-noise", "0"],
     "shared_exclusive": ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probe", "linear"],
@@ -99,6 +101,27 @@ def test_resume_from_the_checkpoint_alone_continues_the_run_exactly(tmp_path, sm
     if name == "dim_local":  # a flag that is not safe to change names itself
         with pytest.raises(common.UserError, match="--embed-dim"):
             script.main(["--resume", ckpt, "--embed-dim", "32"])
+
+
+def test_dim_resume_inside_a_cosine_schedule_continues_exactly(tmp_path, small_digits):
+    """A run cut short by --max-steps (as a kill would) resumes to the end of its schedule;
+    the learning rate, the metrics lines and the weights are the uninterrupted run's."""
+    flags = [*COMMON, "--embed-dim", "16", "--y-dim", "16", "--epochs", "6", "--log-every", "2"]
+    dim_local.main([*flags, "--max-steps", "3", "--out-dir", str(tmp_path / "resumed")])
+    run = run_folder(tmp_path / "resumed")
+    dim_local.main(["--resume", os.path.join(run, "checkpoint.pt"), "--max-steps", "6", "--no-progress"])
+    dim_local.main([*flags, "--out-dir", str(tmp_path / "straight")])
+    straight = run_folder(tmp_path / "straight")
+    resumed_lines, straight_lines = epoch_lines(run)[0], epoch_lines(straight)[0]
+    # lines every 2 steps and at the cut (step 3), which the straight run has no line at
+    assert [m["step"] for m in resumed_lines] == [2, 3, 4, 6]
+    assert [m["step"] for m in straight_lines] == [2, 4, 6]
+    assert resumed_lines[-1] == straight_lines[-1]
+    assert_same_weights(weights(run), weights(straight))
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    assert ckpt["args"]["lr_schedule"] == "cosine"
+    assert ckpt["optimizers"]["opt"]["param_groups"][0]["lr"] == pytest.approx(
+        1e-3 * 0.5 * (1 + np.cos(np.pi * 5 / 6)))  # set before the 6th (last) step
 
 
 @pytest.mark.parametrize("name", ["dim_local", "infogan"])
