@@ -109,6 +109,9 @@ def parse_args(argv=None):
                    help="weight of the coordinate cross-entropies in the loss")
     p.add_argument("--multi-global", type=common.nonneg_int, default=0, metavar="K",
                    help="K less-global features from random blocks of the local map (Table 3)")
+    p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
+                   help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "
+                        "solo-learn, or scikit-learn's uniform vote (runs before 2026-12-06)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
     if args.epochs is None:
         args.epochs = {"digits": 6, "cifar10": 1000, "cifar100": 1000}.get(args.dataset, 200)
@@ -205,8 +208,9 @@ def build_critics(args, encoder, shapes, local_layer):
 
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    common.set_precision(device, args.deterministic)
     common.seed_everything(args.seed)
-    data = common.load_data(args.dataset, args.data_root, device)
+    data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)
     encoder = common.build_encoder(enc_cfg).to(device)
@@ -234,12 +238,14 @@ def train(args):
     if prior_disc is not None:
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
     # the monitor's baseline: the untrained encoder (the one every run starts from)
-    knn_y_random_init = common.knn_monitor(encoder, data, device) if args.eval_every and rank == 0 else None
+    knn_y_random_init = (common.knn_monitor(encoder, data, device, rule=args.knn_rule)
+                         if args.eval_every and rank == 0 else None)
 
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
     bound = common.BOUNDS[args.loss]
+    common.convert_sync_bn([encoder, *nets.values()], args.sync_bn, world, device)
     # DDP / compiled views for training; the plain modules are what gets saved
     enc, global_critic, local_critic, prior = (
         common.maybe_compile(common.wrap_ddp(m, device), args.compile and m is not None)
@@ -329,7 +335,7 @@ def train(args):
         stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
         last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
         if rank == 0 and common.eval_due(args.eval_every, epoch, last):
-            stats["knn_y"] = common.knn_monitor(encoder, data, device)
+            stats["knn_y"] = common.knn_monitor(encoder, data, device, rule=args.knn_rule)
             shown["knn_y"] = f"{stats['knn_y']:.3f}"
         run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
         if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
