@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.py: one line and exit status 2 without CUDA; its timing, FLOP count
+and table, driven on the CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_without_cuda_it_says_so_in_one_line_and_exits_2():
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        "error: gpu_check needs a CUDA GPU and torch sees none here; "
+        "benchmarks/speed.py times the scripts on a CPU"]
+
+
+def test_without_cuda_main_raises_the_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.UserError, match="needs a CUDA GPU"):
+        gpu_check.main([])
+
+
+def test_step_times_skip_warmup_and_group_optimiser_steps():
+    stamps = [0, 1, 10, 11, 30, 31, 60, 61]  # two optimiser steps per training step
+    assert gpu_check.step_times(stamps, 2, warmup=0) == [10, 20, 30]
+    assert gpu_check.step_times(stamps, 2, warmup=1) == [20, 30]
+    assert gpu_check.step_times(stamps, 1, warmup=5) == [29, 1]
+
+
+def test_one_script_measured_on_the_cpu_gives_a_full_row(monkeypatch):
+    tx, ty, vx, vy = common.load_digits_data()
+    monkeypatch.setattr(common, "load_digits_data",
+                        lambda test_fraction=0.2, size=32: (tx[:64], ty[:64], vx[:64], vy[:64]))
+    cpu = torch.device("cpu")
+    flops, per_step = gpu_check.flops_per_step("infogan", 16, cpu)
+    assert per_step == 2  # D and Q's step, then G's
+    assert flops > 1e8  # a conv net on 16 images, forward and backward
+    times, peak = gpu_check.measure("infogan", [], 5, 1, 16, cpu, per_step)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    row = gpu_check.row_of("infogan", "plain", times, peak, 16, flops, 1e11)
+    assert row["images/s"] == pytest.approx(16 / sorted(times)[1])
+    assert 0 < row["fraction of matmul peak"] < 10
+    table = gpu_check.markdown_table([row, {"script": "infoae", "mode": "compile", "error": "boom"}])
+    lines = table.splitlines()
+    assert lines[0] == "| script | mode | ms/step | images/s | peak MiB | fraction of matmul peak |"
+    assert lines[2].startswith("| infogan | plain | ") and "failed: boom" in lines[3]
