@@ -592,6 +592,7 @@ class PairData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     test_labels: torch.Tensor
+    device: torch.device = None  # where batches() delivers, as Data's
 
     @property
     def image_shape(self):
@@ -600,18 +601,20 @@ class PairData:
     def to(self, device):
         for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
             setattr(self, k, getattr(self, k).to(device))
+        self.device = device
         return self
 
     def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
                 rank=0, world_size=1):
-        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on the data's device.
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
         Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
         x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
                      (self.test_x, self.test_y, self.test_labels))
+        device = self.device or x.device
         for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
                                  world_size, x.device):
-            yield (x[idx].float().div_(127.5).sub_(1.0), y[idx].float().div_(127.5).sub_(1.0),
-                   lab[idx])
+            xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
+            yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
 
     def n_batches(self, split, batch_size, drop_last=False, world_size=1):
         return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
@@ -623,11 +626,12 @@ class PairData:
         col = PAIR_LABELS.index(label)
         tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
         n_classes = 10 if label == "digit" else len(PALETTE)
-        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes)
+        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
+                    device=self.device)
 
 
 def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
-                   seed=PAIR_DATA_SEED, image_size=None):
+                   seed=PAIR_DATA_SEED, image_size=None, max_device_bytes=4 << 30):
     """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
     the same (name, pairing, seed, image_size) always gives the same pairs."""
     if name not in PAIR_SOURCES:
@@ -636,8 +640,9 @@ def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="sam
     gen = torch.Generator().manual_seed(seed)
     tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
     vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
-    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl)
-    if device.type != "cpu":
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
+    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
+    if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
         data.to(device)
     return data
 
@@ -1476,7 +1481,7 @@ def resume_state(args, script, modules, optimizers, generators=None):
 # Flags a resumed run may change: how long, where and how loudly it runs, how often it is
 # watched. Everything else would make the continuation another run.
 RESUME_SAFE = ("epochs", "max_steps", "no_progress", "device", "eval_every", "data_root", "resume",
-               "tensorboard")
+               "tensorboard", "knn_rule")
 _UNSET = object()
 
 

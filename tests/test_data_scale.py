@@ -13,6 +13,7 @@ import dim_global
 import dim_local
 import infoae
 import infogan
+import shared_exclusive
 
 
 def png_folder(root, sizes=((80, 96), (96, 80), (64, 64)), classes=("cat", "dog")):
@@ -101,6 +102,7 @@ TINY = {
     dim_global: ["--y-dim", "16"],
     infogan: ["--width", "8", "--fc-dim", "32", "--q-dim", "16"],
     infoae: ["--width", "4", "--hidden", "32"],
+    shared_exclusive: ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probe", "linear"],
 }
 
 
@@ -128,7 +130,26 @@ def test_training_on_data_left_on_the_cpu_moves_every_batch_and_changes_nothing(
             seen.append((x.device, y.device, self.device, self.train_x.device))
             yield x, y
 
-    monkeypatch.setattr(common, "load_data", functools.partial(common.load_data, max_device_bytes=0))
+    pair_batches = common.PairData.batches
+
+    def watched_pair_batches(self, *a, **kw):
+        for x, y, labels in pair_batches(self, *a, **kw):
+            seen.append((x.device, labels.device, self.device, self.train_x.device))
+            yield x, y, labels
+
+    for name in ("load_data", "load_pair_data"):
+        monkeypatch.setattr(common, name, functools.partial(getattr(common, name), max_device_bytes=0))
     monkeypatch.setattr(common.Data, "batches", watched_batches)
+    monkeypatch.setattr(common.PairData, "batches", watched_pair_batches)
     assert losses(tmp_path / "left_on_cpu") == expected
     assert seen and all(x == y == want for x, y, want, _ in seen)
+
+
+def test_pair_batches_come_on_the_training_device_while_the_pairs_stay_on_the_cpu():
+    meta = torch.device("meta")
+    pair = common.load_pair_data("colorful-digits", device=meta, max_device_bytes=0)
+    assert pair.train_x.device.type == "cpu" and pair.device == meta
+    x, y, labels = next(pair.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert x.device == y.device == labels.device == meta and x.shape == (64, 3, 32, 32)
+    assert pair.domain("x").device == meta
+    assert common.load_pair_data("colorful-digits", device=meta).train_x.device == meta
