@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py                   # about 10 minutes on one H100 (estimate)
     python benchmarks/gpu_check.py --steps 500 --out runs/gpu_check-h100
 
-Each training script (dim_local, dim_global, infogan, infoae, shared_exclusive's stage 1)
-trains `--steps` steps on the bundled digits (nothing to download, nothing else to set up),
+Each training script (dim_local, dim_global, infogan, infoae, shared_exclusive's two stages,
+stage 2 from a one-step stage 1) trains `--steps` steps on the bundled digits (nothing to download, nothing else to set up),
 batch 64 per GPU, monitor off, in four ways: plain (fp32 with TF32 matmuls, the scripts'
 default on CUDA), `--amp` (bf16 autocast), `--compile`, and under `torchrun` with one process
 per GPU (on a one-GPU machine that is the launcher and its environment, world size 1: no DDP).
@@ -40,8 +40,12 @@ sys.path.insert(0, ROOT)  # the scripts
 import common  # noqa: E402
 from common import UserError  # noqa: E402
 
-SCRIPTS = {"dim_local": [], "dim_global": [], "infogan": [], "infoae": [],
-           "shared_exclusive": ["--stage", "1"]}
+# run name: (script, its flags); SHARED_FROM stands for a stage-1 checkpoint made first
+SHARED_FROM = "<stage 1 checkpoint>"
+SCRIPTS = {"dim_local": ("dim_local", []), "dim_global": ("dim_global", []),
+           "infogan": ("infogan", []), "infoae": ("infoae", []),
+           "shared_exclusive-1": ("shared_exclusive", ["--stage", "1"]),
+           "shared_exclusive-2": ("shared_exclusive", ["--stage", "2", "--shared-from", SHARED_FROM])}
 MODES = {"plain": [], "amp": ["--amp"], "compile": ["--compile"]}
 
 
@@ -57,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # torchrun's side
     p.add_argument("--per-step", type=common.positive_int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shared-from", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.scripts = [s for s in args.scripts.split(",") if s]
     bad = [s for s in args.scripts if s not in SCRIPTS]
@@ -86,16 +91,26 @@ def matmul_peak(device, dtype, n=8192, repeats=20):
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
-def script_argv(name, steps, batch_size, device, extra=()):
+def script_argv(name, steps, batch_size, device, extra=(), shared_from=None):
+    flags = [shared_from if f == SHARED_FROM else f for f in SCRIPTS[name][1]]
     return ["--no-progress", "--max-steps", str(steps), "--epochs", "100000", "--batch-size",
-            str(batch_size), "--device", device.type, "--eval-every", "0", *SCRIPTS[name], *extra]
+            str(batch_size), "--device", device.type, "--eval-every", "0", *flags, *extra]
+
+
+def stage1_checkpoint(folder, batch_size, device):
+    """A one-step stage-1 run of shared_exclusive, for stage 2 to start from."""
+    import shared_exclusive
+    with contextlib.redirect_stdout(io.StringIO()):
+        run, _ = shared_exclusive.train(shared_exclusive.parse_args(
+            [*script_argv("shared_exclusive-1", 1, batch_size, device), "--out-dir", folder]))
+    return run.path("checkpoint.pt")
 
 
 def train_once(name, argv, device, flop_counter=None):
     """One run of a script in this process: the time stamps of its optimiser steps (taken
     after a device synchronisation) and its peak GPU memory in MiB."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    module = importlib.import_module(name)
+    module = importlib.import_module(SCRIPTS[name][0])
     stamps = []
     handle = register_optimizer_step_post_hook(
         lambda *_: (sync(device), stamps.append(time.perf_counter())))
@@ -118,14 +133,15 @@ def step_times(stamps, per_step, warmup):
     return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
 
 
-def flops_per_step(name, batch_size, device):
+def flops_per_step(name, batch_size, device, shared_from=None):
     """(FLOPs of one training step, optimiser steps per training step), from a two-step run
     minus a one-step run under torch's FLOP counter (set-up and final evaluation cancel)."""
     from torch.utils.flop_counter import FlopCounterMode
     counted = []
     for steps in (1, 2):
         counter = FlopCounterMode(display=False)
-        stamps, _ = train_once(name, script_argv(name, steps, batch_size, device), device, counter)
+        argv = script_argv(name, steps, batch_size, device, shared_from=shared_from)
+        stamps, _ = train_once(name, argv, device, counter)
         counted.append((len(stamps), counter.get_total_flops()))
     (n1, f1), (n2, f2) = counted
     return f2 - f1, n2 - n1
@@ -139,16 +155,17 @@ def row_of(name, mode, times, peak_mib, batch, flops_per_gpu, matmul_peak_flops)
             "fraction of matmul peak": flops_per_gpu / (ms / 1000) / matmul_peak_flops}
 
 
-def measure(name, mode_flags, steps, warmup, batch_size, device, per_step):
+def measure(name, mode_flags, steps, warmup, batch_size, device, per_step, shared_from=None):
     """Step times (s) and peak memory of one in-process run of `name`."""
-    stamps, peak = train_once(name, script_argv(name, steps, batch_size, device, mode_flags), device)
+    argv = script_argv(name, steps, batch_size, device, mode_flags, shared_from)
+    stamps, peak = train_once(name, argv, device)
     times = step_times(stamps[:steps * per_step], per_step, warmup)  # not the final probes' steps
     if not times:
         raise RuntimeError(f"{name}: {len(stamps)} optimiser steps, too few to time")
     return times, peak
 
 
-def measure_torchrun(name, args, per_step, n_gpus):
+def measure_torchrun(name, args, per_step, n_gpus, shared_from=None):
     """The same run under torchrun, one process per GPU (--batch-size is the global batch
     there, so each GPU keeps --batch-size); rank 0 reports through a JSON file."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,11 +173,13 @@ def measure_torchrun(name, args, per_step, n_gpus):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={n_gpus}", os.path.abspath(__file__), "--worker", name,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-               str(args.batch_size * n_gpus), "--per-step", str(per_step), "--json", out]
+               str(args.batch_size * n_gpus), "--per-step", str(per_step), "--json", out,
+               *(["--shared-from", shared_from] if shared_from else [])]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"torchrun exited with {p.returncode}: {tail[:200]}")
+        if p.returncode != 0:  # the worker's own one-line error, else stderr's last real line
+            lines = [l for l in p.stderr.splitlines() if l.strip() and set(l.strip()) != {"="}]
+            said = [l for l in lines if l.startswith("error: ")] or lines[-1:] or ["no output"]
+            raise RuntimeError(f"torchrun exited with {p.returncode}: {said[0][:200]}")
         with open(out) as f:
             result = json.load(f)
     return result["times"], result["peak_mib"]
@@ -170,7 +189,7 @@ def worker(args):
     """Inside torchrun: one run of args.worker; rank 0 writes its step times."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     times, peak = measure(args.worker, [], args.steps, args.warmup, args.batch_size, device,
-                          args.per_step)
+                          args.per_step, args.shared_from)
     if int(os.environ.get("RANK", "0")) == 0:
         common.atomic_write_text(args.json, json.dumps({"times": times, "peak_mib": peak}))
 
@@ -187,6 +206,41 @@ def markdown_table(rows):
             cells = [fmt.get(k, "{}").format(r[k]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def error_text(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def run_all(args, device, n_gpus, peaks, modes=MODES):
+    """Every run of the table, in order; a failing run becomes a row with its error."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.scripts:
+            try:
+                shared_from = (stage1_checkpoint(tmp, args.batch_size, device)
+                               if SHARED_FROM in SCRIPTS[name][1] else None)
+                flops, per_step = flops_per_step(name, args.batch_size, device, shared_from)
+            except Exception as e:  # noqa: BLE001 - report it and go on to the next script
+                rows.append({"script": name, "mode": "all", "error": error_text(e)})
+                continue
+            for mode in [*modes, "torchrun"]:
+                try:
+                    if mode == "torchrun":
+                        times, peak = measure_torchrun(name, args, per_step, n_gpus, shared_from)
+                        batch = args.batch_size * n_gpus
+                    else:
+                        torch._dynamo.reset()  # each compiled run starts from no cache
+                        times, peak = measure(name, modes[mode], args.steps, args.warmup,
+                                              args.batch_size, device, per_step, shared_from)
+                        batch = args.batch_size
+                    rows.append(row_of(name, mode, times, peak, batch, flops,
+                                       peaks["bf16" if mode == "amp" else "tf32"]))
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"script": name, "mode": mode, "error": error_text(e)})
+                print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -206,29 +260,7 @@ def main(argv=None):
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     print(f"{info['device']} x{n_gpus}, torch {info['torch']}, CUDA {info['cuda']}; matmul peak "
           f"TF32 {peaks['tf32'] / 1e12:.0f}, bf16 {peaks['bf16'] / 1e12:.0f} TFLOP/s")
-    rows = []
-    for name in args.scripts:
-        try:
-            flops, per_step = flops_per_step(name, args.batch_size, device)
-        except Exception as e:  # noqa: BLE001 - report and go on to the next script
-            rows.append({"script": name, "mode": "all", "error": f"{type(e).__name__}: {e}"[:200]})
-            continue
-        for mode in [*MODES, "torchrun"]:
-            try:
-                if mode == "torchrun":
-                    times, peak = measure_torchrun(name, args, per_step, n_gpus)
-                    batch = args.batch_size * n_gpus
-                else:
-                    torch._dynamo.reset()  # each compiled run starts from no cache
-                    times, peak = measure(name, MODES[mode], args.steps, args.warmup,
-                                          args.batch_size, device, per_step)
-                    batch = args.batch_size
-                rows.append(row_of(name, mode, times, peak, batch, flops,
-                                   peaks["bf16" if mode == "amp" else "tf32"]))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"script": name, "mode": mode,
-                             "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]})
-            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    rows = run_all(args, device, n_gpus, peaks)
     out = args.out or os.path.join(ROOT, "runs", f"gpu_check-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     os.makedirs(out, exist_ok=True)
     table = markdown_table(rows)

@@ -37,6 +37,12 @@ def test_step_times_skip_warmup_and_group_optimiser_steps():
     assert gpu_check.step_times(stamps, 1, warmup=5) == [29, 1]
 
 
+def test_stage_2_runs_from_the_stage_1_checkpoint_it_is_given():
+    argv = gpu_check.script_argv("shared_exclusive-2", 5, 64, torch.device("cpu"), ["--amp"], "s1.pt")
+    assert argv[argv.index("--stage") + 1] == "2" and argv[argv.index("--shared-from") + 1] == "s1.pt"
+    assert argv[-1] == "--amp" and gpu_check.SHARED_FROM not in argv
+
+
 def test_one_script_measured_on_the_cpu_gives_a_full_row(monkeypatch):
     tx, ty, vx, vy = common.load_digits_data()
     monkeypatch.setattr(common, "load_digits_data",
@@ -54,3 +60,19 @@ def test_one_script_measured_on_the_cpu_gives_a_full_row(monkeypatch):
     lines = table.splitlines()
     assert lines[0] == "| script | mode | ms/step | images/s | peak MiB | fraction of matmul peak |"
     assert lines[2].startswith("| infogan | plain | ") and "failed: boom" in lines[3]
+
+
+def test_the_table_goes_on_past_a_failing_run(monkeypatch, capsys):
+    # on the CPU the torchrun worker refuses (no CUDA): that row carries the error, and the
+    # script's other rows are measured all the same
+    tx, ty, vx, vy = common.load_digits_data()
+    monkeypatch.setattr(common, "load_digits_data",
+                        lambda test_fraction=0.2, size=32: (tx[:64], ty[:64], vx[:64], vy[:64]))
+    args = gpu_check.parse_args(["--scripts", "dim_global", "--steps", "4", "--warmup", "1",
+                                 "--batch-size", "16"])
+    rows = gpu_check.run_all(args, torch.device("cpu"), 1, {"tf32": 1e11, "bf16": 1e11},
+                             modes={"plain": []})
+    assert [(r["script"], r["mode"]) for r in rows] == [("dim_global", "plain"), ("dim_global", "torchrun")]
+    assert rows[0]["images/s"] > 0 and rows[0]["steps timed"] == 2
+    assert "torchrun exited" in rows[1]["error"] and "needs a CUDA GPU" in rows[1]["error"]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2  # a line per run as it ends
