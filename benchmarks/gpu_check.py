@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --steps 500 --out runs/gpu_check-h100
 
 Each training script (dim_local, dim_global, infogan, infoae, shared_exclusive's two stages,
-stage 2 from a one-step stage 1) trains `--steps` steps on the bundled digits (nothing to download, nothing else to set up),
-batch 64 per GPU, monitor off, in four ways: plain (fp32 with TF32 matmuls, the scripts'
+stage 2 from a one-step stage 1) trains `--steps` steps on the bundled digits (nothing to
+download, nothing else to set up), batch 64 per GPU, monitor off, in four ways: plain (fp32 with TF32 matmuls, the scripts'
 default on CUDA), `--amp` (bf16 autocast), `--compile`, and under `torchrun` with one process
 per GPU (on a one-GPU machine that is the launcher and its environment, world size 1: no DDP).
 Reported per run:
