@@ -43,23 +43,13 @@ def test_stage_2_runs_from_the_stage_1_checkpoint_it_is_given():
     assert argv[-1] == "--amp" and gpu_check.SHARED_FROM not in argv
 
 
-def test_one_script_measured_on_the_cpu_gives_a_full_row(monkeypatch):
-    tx, ty, vx, vy = common.load_digits_data()
-    monkeypatch.setattr(common, "load_digits_data",
-                        lambda test_fraction=0.2, size=32: (tx[:64], ty[:64], vx[:64], vy[:64]))
-    cpu = torch.device("cpu")
-    flops, per_step = gpu_check.flops_per_step("infogan", 16, cpu)
-    assert per_step == 2  # D and Q's step, then G's
-    assert flops > 1e8  # a conv net on 16 images, forward and backward
-    times, peak = gpu_check.measure("infogan", [], 5, 1, 16, cpu, per_step)
-    assert len(times) == 3 and all(t > 0 for t in times)
-    row = gpu_check.row_of("infogan", "plain", times, peak, 16, flops, 1e11)
-    assert row["images/s"] == pytest.approx(16 / sorted(times)[1])
-    assert 0 < row["fraction of matmul peak"] < 10
-    table = gpu_check.markdown_table([row, {"script": "infoae", "mode": "compile", "error": "boom"}])
-    lines = table.splitlines()
+def test_markdown_table_has_one_row_per_run_and_names_failures():
+    row = gpu_check.row_of("infogan", "plain", [0.02, 0.01, 0.03], 512.0, 16, 1e9, 1e11)
+    assert row["ms/step"] == pytest.approx(20) and row["images/s"] == pytest.approx(800)
+    assert row["fraction of matmul peak"] == pytest.approx(1e9 / 0.02 / 1e11)
+    lines = gpu_check.markdown_table([row, {"script": "infoae", "mode": "compile", "error": "boom"}]).splitlines()
     assert lines[0] == "| script | mode | ms/step | images/s | peak MiB | fraction of matmul peak |"
-    assert lines[2].startswith("| infogan | plain | ") and "failed: boom" in lines[3]
+    assert lines[2] == "| infogan | plain | 20.00 | 800 | 512 | 0.500 |" and "failed: boom" in lines[3]
 
 
 def test_the_table_goes_on_past_a_failing_run(monkeypatch, capsys):
@@ -70,9 +60,12 @@ def test_the_table_goes_on_past_a_failing_run(monkeypatch, capsys):
                         lambda test_fraction=0.2, size=32: (tx[:64], ty[:64], vx[:64], vy[:64]))
     args = gpu_check.parse_args(["--scripts", "dim_global", "--steps", "4", "--warmup", "1",
                                  "--batch-size", "16"])
-    rows = gpu_check.run_all(args, torch.device("cpu"), 1, {"tf32": 1e11, "bf16": 1e11},
-                             modes={"plain": []})
+    cpu = torch.device("cpu")
+    flops, per_step = gpu_check.flops_per_step("dim_global", 16, cpu)
+    assert per_step == 2 and flops > 1e8  # the encoder's and the prior discriminator's steps
+    rows = gpu_check.run_all(args, cpu, 1, {"tf32": 1e11, "bf16": 1e11}, modes={"plain": []})
     assert [(r["script"], r["mode"]) for r in rows] == [("dim_global", "plain"), ("dim_global", "torchrun")]
     assert rows[0]["images/s"] > 0 and rows[0]["steps timed"] == 2
+    assert rows[0]["fraction of matmul peak"] == pytest.approx(flops / (rows[0]["ms/step"] / 1000) / 1e11)
     assert "torchrun exited" in rows[1]["error"] and "needs a CUDA GPU" in rows[1]["error"]
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # a line per run as it ends

@@ -72,7 +72,10 @@ def test_monitor_rules_equal_their_functions_on_the_encoders_features():
     assert weighted == pytest.approx(common.weighted_knn_accuracy(tr["y"], ytr, te["y"], yte), abs=1e-12)
 
 
-def test_eval_probe_reports_the_rule_and_keeps_the_uniform_vote(tmp_path):
+def test_eval_probe_reports_the_rule_and_keeps_the_uniform_vote(tmp_path, monkeypatch):
+    tx, ty, vx, vy = common.load_digits_data()  # a small split: the probes are quick
+    monkeypatch.setattr(common, "load_digits_data",
+                        lambda test_fraction=0.2, size=32: (tx[:256], ty[:256], vx[:128], vy[:128]))
     run = dim_global.train(dim_global.parse_args(
         ["--no-progress", "--max-steps", "2", "--batch-size", "32", "--epochs", "1",
          "--eval-every", "0", "--y-dim", "16", "--out-dir", str(tmp_path)]))
