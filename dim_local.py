@@ -134,6 +134,9 @@ def parse_args(argv=None):
                    help="weight of the coordinate cross-entropies in the loss")
     p.add_argument("--multi-global", type=common.nonneg_int, default=0, metavar="K",
                    help="K less-global features from random blocks of the local map (Table 3)")
+    p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
+                   help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "
+                        "solo-learn, or scikit-learn's uniform vote (runs before 2026-12-06)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
     for key, value in (PAPER if args.paper else RECIPE).items():
         if getattr(args, key) is None:
@@ -239,8 +242,9 @@ def build_critics(args, encoder, shapes, local_layer):
 
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    common.set_precision(device, args.deterministic)
     common.seed_everything(args.seed)
-    data = common.load_data(args.dataset, args.data_root, device)
+    data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     if args.epochs is None:  # the recipe's length, from the data's size (in args.json)
         args.epochs = recipe_epochs(len(data.train_x), args.batch_size)
@@ -270,7 +274,8 @@ def train(args):
     if prior_disc is not None:
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
     # the monitor's baseline: the untrained encoder (the one every run starts from)
-    knn_y_random_init = common.knn_monitor(encoder, data, device, amp=args.amp) if args.eval_every and rank == 0 else None
+    knn_y_random_init = (common.knn_monitor(encoder, data, device, rule=args.knn_rule, amp=args.amp)
+                         if args.eval_every and rank == 0 else None)
 
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
@@ -281,6 +286,7 @@ def train(args):
         args.log_every = max(1, round(planned_steps / 20))
     run = common.Run(SCRIPT, args, run_dir)
     bound = common.BOUNDS[args.loss]
+    common.convert_sync_bn([encoder, *nets.values()], args.sync_bn, world, device)
     # DDP / compiled views for training; the plain modules are what gets saved
     enc, global_critic, local_critic, prior = (
         common.maybe_compile(common.wrap_ddp(m, device), args.compile and m is not None)
@@ -377,7 +383,8 @@ def train(args):
                 stats = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
                 sums = {}
                 if rank == 0 and common.eval_due(args.eval_every, step // args.log_every - 1, last):
-                    stats["knn_y"] = common.knn_monitor(encoder, data, device, amp=args.amp)
+                    stats["knn_y"] = common.knn_monitor(encoder, data, device, rule=args.knn_rule,
+                                                         amp=args.amp)
                     shown["knn_y"] = f"{stats['knn_y']:.3f}"
                 run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
                 if rank == 0:

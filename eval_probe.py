@@ -9,7 +9,10 @@ it), frozen and kept in eval() so BatchNorm statistics never move; its weights a
 be unchanged afterwards. For every tap (`conv`, `fc`, `y` by default) it reports:
 - linear: multinomial logistic regression on standardised features (scikit-learn);
 - mlp: one 200-unit hidden layer with dropout, the classifier of DIM's Table 1;
-- knn: k-nearest-neighbour accuracy (cosine distance);
+- knn: k-nearest-neighbour accuracy, by default InstDisc's temperature-weighted vote over
+  cosine similarities (k=20, T=0.07: solo-learn's k-NN; lightly's is --knn-k 200
+  --knn-temperature 0.1); `--knn-rule uniform` is scikit-learn's uniform vote of the k
+  nearest by cosine distance, the rule of this repo's k-NN numbers before 2026-12-06;
 - kmeans: k-means on the test features with k = number of classes, accuracy under the best
   one-to-one matching of clusters to labels (Hungarian).
 Results are printed as a table and written to eval.json beside the checkpoint
@@ -59,7 +62,8 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description="Evaluate a saved encoder with frozen-feature probes")
     p.add_argument("checkpoint", help="checkpoint.pt written by any script of this repo")
     p.add_argument("--dataset", default=None, choices=common.DATASETS,
-                   help="evaluate on another dataset (transfer); default: the run's dataset")
+                   help="evaluate on another dataset (transfer; resized to the encoder's image "
+                        "size); default: the run's dataset")
     p.add_argument("--data-root", default=None, help="default: the run's --data-root")
     p.add_argument("--taps", default="conv,fc,y", help="comma-separated encoder taps to probe")
     p.add_argument("--probes", default=",".join(PROBES), help="comma-separated subset of " + ",".join(PROBES))
@@ -68,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true",
                    help="evaluate an untrained encoder of the same architecture (baseline)")
     p.add_argument("--knn-k", type=common.positive_int, default=20, help="neighbours for k-NN")
+    p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
+                   help="weighted: each neighbour votes exp(cosine / T) (InstDisc, solo-learn); "
+                        "uniform: one vote each (scikit-learn)")
+    p.add_argument("--knn-temperature", type=common.positive_float, default=0.07,
+                   help="T of the weighted vote")
     p.add_argument("--mlp-epochs", type=common.positive_int, default=50, help="MLP probe epochs")
     p.add_argument("--mlp-hidden", type=common.positive_int, default=200, help="MLP hidden units")
     p.add_argument("--dropout", type=common.probability, default=0.5, help="MLP probe dropout")
@@ -396,7 +405,7 @@ def evaluate(args):
     if extra.get("pair_domain") and args.dataset is None:  # a shared_exclusive encoder
         data = common.load_pair_domain(dataset, extra["pair_domain"], data_root, device,
                                        label=args.pair_label, pairing=extra["pairing"],
-                                       seed=extra["pair_seed"])
+                                       seed=extra["pair_seed"], image_size=ckpt["image_shape"][-1])
     else:
         data = common.load_data(dataset, data_root, device, image_size=ckpt["image_shape"][-1])
     if list(data.image_shape) != list(ckpt["image_shape"]):
@@ -419,8 +428,11 @@ def evaluate(args):
         if "mlp" in args.probes:
             row["mlp"] = mlp_probe(tx, train_y, vx, test_y, data.n_classes, args.mlp_hidden,
                                    args.dropout, args.mlp_epochs, device, args.seed)
-        if "knn" in args.probes:
+        if "knn" in args.probes and args.knn_rule == "uniform":
             row["knn"] = common.knn_accuracy(tx, train_y, vx, test_y, args.knn_k)
+        elif "knn" in args.probes:
+            row["knn"] = common.weighted_knn_accuracy(tx, train_y, vx, test_y, args.knn_k,
+                                                      args.knn_temperature, device)
         if "kmeans" in args.probes:
             row["kmeans"] = common.kmeans_accuracy(vx, test_y, data.n_classes, args.seed)
         rows.append(row)
@@ -454,7 +466,9 @@ def main(argv=None):
                                    f"eval{output_suffix(args, dataset, ckpt)}.json")
     result = {"checkpoint": os.path.abspath(args.checkpoint), "script": ckpt["script"],
               "dataset": dataset, "random_init": args.random_init, "epoch": ckpt["epoch"],
-              "step": ckpt["step"], "results": rows, "measures": extra}
+              "step": ckpt["step"], "results": rows, "measures": extra,
+              "knn": {"rule": args.knn_rule, "k": args.knn_k,
+                      "temperature": args.knn_temperature if args.knn_rule == "weighted" else None}}
     common.atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

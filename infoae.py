@@ -511,8 +511,9 @@ def save_pictures(run, nets, data, args, device, n_cols=10):
 # ----------------------------------------------------------------------------------------
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    common.set_precision(device, args.deterministic)
     common.seed_everything(args.seed)
-    data = common.load_data(args.dataset, args.data_root, device)
+    data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     enc_cfg, nets = build_networks(args, data.image_shape)
     for m in nets.values():
@@ -531,6 +532,7 @@ def train(args):
         args.epochs = common.epochs_for_steps(MNIST_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(args, SCRIPT, nets, optimizers)
     run = common.Run(SCRIPT, args, run_dir)
+    common.convert_sync_bn(nets.values(), args.sync_bn, world, device)
     # compiled views for speed, grouped by backward pass and DDP-wrapped under torchrun; the
     # plain modules are what gets saved, evaluated and frozen
     fast = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}

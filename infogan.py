@@ -322,8 +322,9 @@ def dcgan_init(module):
 # ----------------------------------------------------------------------------------------
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    common.set_precision(device, args.deterministic)
     common.seed_everything(args.seed)
-    data = common.load_data(args.dataset, args.data_root, device)
+    data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     c, h, w = data.image_shape
     if h != w or h % 4:
@@ -358,6 +359,7 @@ def train(args):
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_gen})
     run = common.Run("infogan", args, run_dir)
+    common.convert_sync_bn([encoder, generator, d_head, q_head], args.sync_bn, world, device)
     # DDP / compiled views for training; the plain modules are what gets saved. G's step reads
     # D and Q through the plain modules: it does not update them, and DDP would wait for
     # their gradients.

@@ -158,6 +158,9 @@ def parse_args(argv=None):
                         "directions of small variance)")
     p.add_argument("--n-queries", type=common.positive_int, default=4,
                    help="query images per domain in the nearest-neighbour PNG")
+    p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
+                   help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "
+                        "solo-learn, or scikit-learn's uniform vote (runs before 2026-12-06)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv),
                                     (*common.RESUME_SAFE, "exclusive_epochs"))
     if args.exclusive_epochs is None:  # --epochs, when given, sets both stages
@@ -392,15 +395,16 @@ def evaluate(reps, pair, probes, seed):
     return metrics, tables
 
 
-def knn_monitor(enc, pair, device, parts):
-    """The per-epoch monitor: k-NN test accuracy of S on the digit and of Z on its domain's
-    colour (X's background, Y's foreground), for the encoders of `parts`."""
+def knn_monitor(enc, pair, device, parts, rule="weighted"):
+    """The per-epoch monitor: k-NN test accuracy (by `rule`, common.knn_monitor's) of S on the
+    digit and of Z on its domain's colour (X's background, Y's foreground), for the encoders
+    of `parts`."""
     accs = {}
     for part, rep in parts:
         for d, colour in (("x", "background"), ("y", "foreground")):
             label = "digit" if part == "shared" else colour
             accs[f"knn_{rep}{d.upper()}_{label}"] = common.knn_monitor(
-                enc[f"{part}_{d}"], pair.domain(d, label), device)
+                enc[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
     return accs
 
 
@@ -463,17 +467,19 @@ def save_encoders(run, enc, cfgs, parts, args, pair, epoch, step, shared_done):
 
 def train(args):
     device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
+    common.set_precision(device, args.deterministic)
     for part, norm, dim in (("shared", args.shared_norm, args.shared_dim),
                             ("exclusive", args.exclusive_norm, args.exclusive_dim)):
         if norm == "whiten" and args.batch_size // world <= dim:
             raise UserError(f"--{part}-norm whiten needs more than --{part}-dim {dim} samples per "
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
     common.seed_everything(args.seed)
-    pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing)
+    pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing,
+                                 image_size=args.image_size)
     common.check_batch(args.batch_size, world, len(pair.train_x))
     enc, critics, cfgs = build_networks(args, pair.image_shape, device)
     # the monitor's baseline: the untrained encoders
-    knn_random_init = (knn_monitor(enc, pair, device, MONITORED[1] + MONITORED[2])
+    knn_random_init = (knn_monitor(enc, pair, device, MONITORED[1] + MONITORED[2], args.knn_rule)
                        if args.eval_every and rank == 0 else {})
     shared_done = load_shared(args.shared_from, enc, args) if args.shared_from else 0
     stage1 = [p for k, m in {**enc, **critics}.items() if k.startswith("shared") for p in m.parameters()]
@@ -497,6 +503,7 @@ def train(args):
     if args.shared_from and not args.resume:  # the run folder holds every encoder it used
         save_encoders(run, enc, cfgs, ["shared"], args, pair, 0, 0, shared_done)
     bound = common.BOUNDS[args.loss]
+    common.convert_sync_bn([*enc.values(), *critics.values()], args.sync_bn, world, device)
     # DDP / compiled views for training; the plain modules are what gets saved. Stage 2 runs
     # the frozen shared encoders as plain modules (no gradient to synchronise).
     fwd = {k: common.maybe_compile(common.wrap_ddp(m, device), args.compile)
@@ -561,7 +568,7 @@ def train(args):
             shared_done = epoch + 1
         last = epoch + 1 == n_epochs or bool(args.max_steps and stage_steps[stage] >= args.max_steps)
         if rank == 0 and common.eval_due(args.eval_every, epoch, last):
-            monitor = knn_monitor(enc, pair, device, MONITORED[stage])
+            monitor = knn_monitor(enc, pair, device, MONITORED[stage], args.knn_rule)
             stats.update(monitor)
             watched.update(monitor)
             shown = {k.split("_")[1]: f"{v:.2f}" for k, v in monitor.items()}  # SX=0.95 ...

@@ -174,8 +174,10 @@ def last_metrics(run_dir):
 def probe(checkpoint, threads, log_path, random_init=False):
     """eval_probe.py's linear / k-NN / k-means accuracy on conv and y, as {tap: {probe: acc}}."""
     out = checkpoint + (".random-init" if random_init else "") + ".eval.json"
+    # the README's y_knn: scikit-learn's uniform vote, as when the tables were measured
     run(["python", "eval_probe.py", checkpoint, "--probes", "linear,knn,kmeans", "--taps", "conv,y",
-         "--out", out, *(["--random-init"] if random_init else [])], threads, log_path)
+         "--knn-rule", "uniform", "--out", out, *(["--random-init"] if random_init else [])],
+        threads, log_path)
     with open(out) as f:
         return {r["tap"]: r for r in json.load(f)["results"]}
 
