@@ -361,6 +361,17 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 
 
+def random_jitter(x, strength, generator=None):
+    """Each image of a [-1, 1] batch with its own contrast (times 1 +- strength) and
+    brightness (+- strength/2 of the range) change, clipped to the range; x itself when
+    strength is 0. Draws from `generator` (a CPU one) where given."""
+    if strength == 0:
+        return x
+    n = len(x)
+    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device)
+    return ((x + 1) / 2 * (1 + contrast) + brightness / 2).clamp(0, 1) * 2 - 1
+
+
 def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
     """Index tensors of one pass over n examples. Under torchrun every rank draws the same
     order (same generator seed) and takes its own slice, so all see the same number of batches."""

@@ -69,15 +69,15 @@ SCRIPT = "dim_global"
 # The defaults are the recipe measured on real images (docs/dim.md); `--paper` restores the
 # paper's configuration instead (arXiv:1808.06670, Sec. 4 and App. A.2). A flag given on the
 # command line wins over both. Lengths: the paper's epochs, or the recipe's (recipe_epochs).
-PAPER = {"lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048, "shift": 0, "cross_view": "none",
-         "flip": 0.0, "gamma": 1.0}
-RECIPE = {"lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2, "cross_view": "warp",
-          "flip": 0.5, "gamma": 0.0}
+PAPER = {"batch_size": 64, "lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048, "shift": 0, "cross_view": "none",
+         "flip": 0.0, "jitter": 0.0, "gamma": 1.0}
+RECIPE = {"batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2, "cross_view": "warp",
+          "flip": 0.0, "jitter": 0.0, "gamma": 0.0}
 
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p, epochs=None, batch_size=64, lr=None, eval_every=1, eval_unit="metrics lines")
+    common.add_common_args(p, epochs=None, batch_size=None, lr=None, eval_every=1, eval_unit="metrics lines")
     p.add_argument("--paper", action="store_true",
                    help="the paper's configuration instead of the recipe (see PAPER, RECIPE)")
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
@@ -121,6 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--flip", type=common.probability, default=None,
                    help="with --cross-view warp: probability that the second view is also "
                         f"mirrored left to right (paper {PAPER['flip']}, recipe {RECIPE['flip']})")
+    p.add_argument("--jitter", type=common.nonneg_float, default=None,
+                   help="with --cross-view: the second view's contrast and brightness changed "
+                        f"by up to this much (paper {PAPER['jitter']}, recipe {RECIPE['jitter']})")
     p.add_argument("--warp-strength", type=common.nonneg_float, default=1.0,
                    help="with --cross-view warp: multiplies its rotation, scaling and shift")
     p.add_argument("--occlude", action="store_true",
@@ -319,6 +322,8 @@ def train(args):
                                         0.1 * args.warp_strength, flip=args.flip, generator=gen)
                    if args.cross_view == "warp" else
                    x)  # the view y is computed from
+            if x_y is not x:
+                x_y = common.random_jitter(x_y, args.jitter, gen)
             if x_y is not x and step == 0 and rank == 0:  # each image beside its second view
                 common.save_image_grid(torch.stack((x[:32], x_y[:32]), 1).flatten(0, 1),
                                        run.path("views.png"), 8)
