@@ -75,7 +75,7 @@ def run_cli(main):
                   "(--resume continues from the last checkpoint.pt)", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
-            print(f"error: out of memory ({str(e).splitlines()[0][:160]}); lower the network "
+            print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower the network "
                   "widths or --batch-size", file=sys.stderr)
             sys.exit(2)
         raise
