@@ -78,6 +78,10 @@ def run_cli(main):
             print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower the network "
                   "widths or --batch-size", file=sys.stderr)
             sys.exit(2)
+        if isinstance(e, torch.linalg.LinAlgError):  # whitening's Cholesky on overflowed codes
+            print(f"error: {str(e).splitlines()[0][:200]} The codes hold nan or inf or have "
+                  "collapsed: lower --lr", file=sys.stderr)
+            sys.exit(2)
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -329,6 +329,22 @@ def test_infoae_at_an_absurd_learning_rate_exits_in_one_line_with_nothing_saved(
     assert not any(f == "checkpoint.pt" for _, _, files in os.walk(tmp_path) for f in files)
 
 
+def test_whitening_overflowed_codes_is_one_line(capsys):
+    """shared_exclusive --lr 1e30 ended in LinAlgError from the whitening's Cholesky."""
+    whiten = common.Whitening(4).train()
+    err = one_line_exit_2(capsys, common.run_cli, lambda: whiten(torch.full((8, 4), float("nan"))))
+    assert "lower --lr" in err
+
+
+def test_reproduce_with_an_empty_mnist_folder_is_one_line(tmp_path):
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    p = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--data-root", str(tmp_path),
+                        "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "could not load mnist" in p.stderr
+
+
 def test_sigterm_before_the_first_checkpoint_leaves_no_folder(tmp_path):
     code = ("import argparse, os, signal, time, common\n"
             "def main():\n"
