@@ -39,12 +39,12 @@ class UserError(Exception):
 
 
 def disk_full(e):
-    """Whether exception `e`, or one it was raised from or during, is a full disk or quota."""
+    """The full-disk (or quota) OSError that `e` is, or was raised from or during; else None."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _terminated(signum, frame):
@@ -70,9 +70,11 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        if disk_full(e):
-            print(f"error: no space left on the disk ({e}); free some and run again "
-                  "(--resume continues from the last checkpoint.pt)", file=sys.stderr)
+        full = disk_full(e)
+        if full:
+            print(f"error: no space left on the disk ({full.strerror}"
+                  f"{f', writing {full.filename}' if full.filename else ''}); free some and run "
+                  "again (--resume continues from the last checkpoint.pt)", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
             print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower the network "
