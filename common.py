@@ -14,11 +14,13 @@ import argparse
 import atexit
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -36,8 +38,25 @@ class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 2, no traceback."""
 
 
+def disk_full(e):
+    """The full-disk (or quota) OSError that `e` is, or was raised from or during; else None."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _terminated(signum, frame):
+    # SIGTERM (Slurm, `timeout`) unwinds like Ctrl-C: temporary files are removed and the exit
+    # handlers run, so a run stopped before its first checkpoint leaves no folder
+    raise KeyboardInterrupt
+
+
 def run_cli(main):
-    """Run `main()`, turning a UserError into one clear line on stderr and exit status 2."""
+    """Run `main()`, turning a UserError into one clear line on stderr and exit status 2; a
+    full disk or an allocation no machine holds is such an error too."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -50,6 +69,22 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        full = disk_full(e)
+        if full:
+            print(f"error: no space left on the disk ({full.strerror}"
+                  f"{f', writing {full.filename}' if full.filename else ''}); free some and run "
+                  "again (--resume continues from the last checkpoint.pt)", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+            print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower the network "
+                  "widths or --batch-size", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, torch.linalg.LinAlgError):  # whitening's Cholesky on overflowed codes
+            print(f"error: {str(e).splitlines()[0][:200]} The codes hold nan or inf or have "
+                  "collapsed: lower --lr", file=sys.stderr)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -104,6 +139,32 @@ def nonneg_int(s):
     return v
 
 
+def seed_int(s):
+    v = int(s)
+    if not 0 <= v < 2**32:  # NumPy's limit; epoch seeds are derived from it by multiplication
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {s}")
+    return v
+
+
+def int_range(lo, hi):
+    """An argparse type: an integer in [lo, hi]. `hi` bounds what cannot be meaningful (an
+    epoch count no machine finishes, a width no memory holds), so such a value is one line
+    instead of a machine filling its memory."""
+    def parse(s):
+        v = int(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {s}")
+        return v
+    parse.__name__ = f"integer in [{lo}, {hi}]"  # argparse's word for an unparsable value
+    return parse
+
+
+MAX_EPOCHS = 100_000  # a plan list of 1e12 epochs alone fills the memory
+MAX_WIDTH = 65_536  # 32 times the paper's widest layer (2048)
+epochs_int = int_range(1, MAX_EPOCHS)
+width_int = int_range(1, MAX_WIDTH)
+
+
 def batch_size_int(s):
     v = int(s)
     if v < 2:  # BatchNorm needs two samples to normalise by
@@ -127,13 +188,13 @@ def add_common_args(parser, epochs, batch_size, lr, eval_every=1, eval_unit="epo
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="dataset; 'digits' is scikit-learn's bundled 8x8 digits at 32x32 (offline)")
     g.add_argument("--data-root", default="./data", help="where torchvision datasets live")
-    g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    g.add_argument("--epochs", type=epochs_int, default=epochs, help="training epochs")
     g.add_argument("--batch-size", type=batch_size_int, default=batch_size,
                    help="batch size (N)")
     g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimisation steps in total (smoke tests)")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seeds Python, NumPy and torch")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA or CPU)")
@@ -442,32 +503,48 @@ def _tv_arrays(ds):
 def _imagefolder(root, image_size, workers=None):
     """root/{train,test}/<class>/<image>: each image resized (shorter side) and centre-cropped
     to image_size, decoded by a pool of threads (PIL releases the GIL while it decodes and
-    resizes) straight into one preallocated uint8 tensor per split."""
+    resizes) straight into one preallocated uint8 tensor per split. Both splits are labelled
+    by train/'s class list (test/ may lack a class, not add one)."""
     from concurrent.futures import ThreadPoolExecutor
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     workers = workers or min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                              else os.cpu_count() or 1)
-    out = []
+    out, classes = [], None
     for split in ("train", "test"):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise UserError(f"imagefolder expects {path}/<class>/<images>; that folder is missing")
-        ds = ImageFolder(path)
+        try:
+            ds = ImageFolder(path)
+        except FileNotFoundError as e:  # no class folder, or no image in any
+            raise UserError(f"imagefolder {path}: {e}") from None
+        if classes is None:
+            classes = ds.classes
+            if len(classes) < 2:
+                raise UserError(f"imagefolder {path} has {len(classes)} class folder; the probes "
+                                "need at least two classes")
+        unknown = sorted(set(ds.classes) - set(classes))
+        if unknown:
+            raise UserError(f"imagefolder {path} has class folders that train/ lacks "
+                            f"({', '.join(unknown)}); name test/'s classes as train/'s")
         x = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
 
         def decode(i):
+            file = ds.samples[i][0]
             try:
-                t = tf(ds.loader(ds.samples[i][0]))
-            except OSError as e:
-                raise UserError(f"cannot decode {ds.samples[i][0]} ({e}); remove or replace it") from None
+                t = tf(ds.loader(file))
+            except Exception as e:  # PIL: unidentified, truncated or unreadable image
+                raise UserError(f"cannot read image {file} ({type(e).__name__}); remove or "
+                                "replace it") from None
             x[i] = t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
 
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(decode, range(len(ds))))  # list(): re-raises a worker's error here
-        out += [x, torch.tensor(ds.targets, dtype=torch.long)]
-    return out + [len(ds.classes)]
+        # the class *names* carry the label: test/'s own numbering would shift if it lacked one
+        out += [x, torch.tensor([classes.index(ds.classes[t]) for t in ds.targets], dtype=torch.long)]
+    return out + [len(classes)]
 
 
 def resize_images(x, size, chunk=2048):
@@ -495,6 +572,10 @@ def load_data(name, root="./data", device=torch.device("cpu"), image_size=None,
         tx, ty, vx, vy, n_classes = _imagefolder(root, image_size or 32)
     elif name in _OFFLINE_HINT:
         import torchvision.datasets as tvd
+        # what a failed download would leave behind (empty folders): removed again below
+        made = [d for d in (root, *(os.path.join(root, c, *r) for c in ("MNIST", "FashionMNIST")
+                                    for r in ((), ("raw",))))
+                if not os.path.exists(d)]
         try:
             if name in ("mnist", "fashion-mnist"):
                 cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
@@ -510,9 +591,17 @@ def load_data(name, root="./data", device=torch.device("cpu"), image_size=None,
                 te = tvd.STL10(root, split="test", download=True)
                 crop = image_size or 64
         except Exception as e:  # torchvision raises URLError, RuntimeError, OSError ...
+            for d in sorted(made, key=len, reverse=True):
+                with contextlib.suppress(OSError):  # only empty folders go
+                    os.rmdir(d)
             raise UserError(f"could not load {name} from {root} ({type(e).__name__}); offline, put "
                             f"{_OFFLINE_HINT[name]} under {root}/ and run again") from None
         (tx, ty), (vx, vy) = _tv_arrays(tr), _tv_arrays(te)
+        for split, x, y in (("train", tx, ty), ("test", vx, vy)):
+            if len(x) != len(y):
+                raise UserError(f"{name} under {root}: the {split} split has {len(x)} images but "
+                                f"{len(y)} labels; a file is truncated or from another set, "
+                                "replace it")
         if name in ("mnist", "fashion-mnist"):  # 28x28 -> 32x32 so every encoder sees 32x32
             tx, vx = F.pad(tx, (2, 2, 2, 2)), F.pad(vx, (2, 2, 2, 2))
         # STL-10 keeps the paper's crop of 64 from 96 at any crop size
@@ -924,7 +1013,14 @@ def encoder_config(arch, image_shape, y_dim=64):
 
 def build_encoder(cfg):
     cfg = dict(cfg)
-    return ENCODERS[cfg.pop("arch")](**cfg)
+    arch = cfg.pop("arch", None)
+    if arch not in ENCODERS:
+        raise UserError(f"encoder_cfg names no known architecture ({arch!r}, not one of "
+                        f"{', '.join(ENCODERS)}): was the checkpoint edited?")
+    try:
+        return ENCODERS[arch](**cfg)
+    except (TypeError, ValueError) as e:  # arguments the architecture does not take
+        raise UserError(f"encoder_cfg {dict(cfg, arch=arch)} builds no encoder ({e})") from None
 
 
 def tap_shapes(encoder, image_shape, device="cpu"):
@@ -1334,6 +1430,7 @@ class Run:
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             base = os.path.join(args.out_dir, f"{script}-{args.dataset}-{stamp}")
+            check_out_dir(args.out_dir)
             os.makedirs(args.out_dir, exist_ok=True)
             self.dir, i = base, 1
             while True:  # claim the name by creating it: two runs started in one second race
@@ -1361,8 +1458,15 @@ class Run:
     def log(self, **metrics):
         if not self.main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_plain(metrics)) + "\n")
+        line = (json.dumps(_plain(metrics)) + "\n").encode()
+        with open(self.metrics_path, "ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except OSError:
+                f.truncate(end)  # never half a line, a full disk's included
+                raise
         if self.tensorboard is not None:
             self.step = metrics.get("step", self.step)
             for k, v in metrics.items():
@@ -1402,11 +1506,38 @@ def tensorboard_writer():
     return SummaryWriter
 
 
+def check_out_dir(path, flag="--out-dir"):
+    """`path` must be, or be creatable in, a writable folder: checked before the data loads,
+    so a typo costs no loading time and leaves no traceback."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; pass a folder you can write to")
+
+
+def _temp_beside(path):
+    """A new temporary file beside `path`, `.<name>.<random>.tmp` (resuming removes those a
+    killed writer left), with the mode open() would give it: mkstemp's 0600 ignores the umask."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, step,
@@ -1435,10 +1566,15 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
         "rng": rng_state(generators),  # so that --resume continues the same random draws
         "time": float(elapsed),
     }
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
+    nonfinite = [f"{part}.{k}" for part, sd in [("encoder", state["encoder"]), *state["modules"].items()]
+                 for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:  # the folder keeps the last finite checkpoint, if any
+        raise UserError(f"{len(nonfinite)} weight tensors ({nonfinite[0]}, ...) hold nan or inf "
+                        f"after step {step}; nothing was saved: lower --lr")
+    fd, tmp = _temp_beside(path)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)  # to a file object: a full disk is an OSError (ENOSPC)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1447,6 +1583,8 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
 
 def load_checkpoint(path, map_location="cpu"):
     """Load and validate a checkpoint; any problem is a one-line UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass the checkpoint.pt inside it")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a run folder")
     try:
@@ -1462,12 +1600,22 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def encoder_from_checkpoint(ckpt):
-    """Rebuild the encoder from the checkpoint alone; every key must match exactly."""
+    """Rebuild the encoder from the checkpoint alone; every key must match exactly, and every
+    weight be finite."""
     encoder = build_encoder(ckpt["encoder_cfg"])
-    result = encoder.load_state_dict(ckpt["encoder"], strict=False)
+    try:
+        result = encoder.load_state_dict(ckpt["encoder"], strict=False)
+    except RuntimeError as e:  # a size mismatch
+        raise UserError(f"checkpoint encoder does not match its config {ckpt['encoder_cfg']} "
+                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"checkpoint encoder does not match its config: missing "
                         f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    nonfinite = [k for k, v in encoder.state_dict().items()
+                 if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise UserError(f"the checkpoint's encoder holds nan or inf ({nonfinite[0]}, ...); "
+                        "there is nothing to evaluate")
     return encoder
 
 
@@ -1487,10 +1635,42 @@ def resume_state(args, script, modules, optimizers, generators=None):
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"{args.resume} does not match these flags ({str(e).splitlines()[0][:120]}); "
                         "resume with the flags of the original run") from None
+    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    newest = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.isfile(newest) and not os.path.samefile(newest, args.resume):
+        newest_step = load_checkpoint(newest)["step"]
+        if newest_step > ckpt["step"]:  # its run went on: continuing it here would overwrite that
+            raise UserError(f"{args.resume} is at step {ckpt['step']} but {newest} beside it is at "
+                            f"step {newest_step}; resume that one, or move {args.resume} into a "
+                            "folder of its own to branch off from it")
     if "rng" in ckpt and _dist() is None:  # under torchrun each rank keeps its own streams
         set_rng_state(ckpt["rng"], generators)
-    return (os.path.dirname(os.path.abspath(args.resume)), ckpt["epoch"], ckpt["step"],
-            ckpt.get("time", 0.0))
+    if is_main_process():
+        for name in os.listdir(run_dir):  # what a killed writer left (older versions: tmp*.tmp)
+            if name.endswith(".tmp") and name.startswith((".", "tmp")):
+                os.remove(os.path.join(run_dir, name))
+        cut_metrics(os.path.join(run_dir, "metrics.jsonl"), ckpt["step"])
+    return run_dir, ckpt["epoch"], ckpt["step"], ckpt.get("time", 0.0)
+
+
+def cut_metrics(path, step):
+    """metrics.jsonl back to a checkpoint at `step`: the lines logged after it (a run stopped
+    between its log line and its checkpoint), a half-written line, and the end-of-run line at
+    `step` (a resumed run that finishes writes it again) go, so a resumed run repeats none."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            m = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            m = None
+        if isinstance(m, dict) and (m.get("step", -1) < step or m.get("step") == step and "epoch" in m):
+            keep.append(line)
+    if keep != lines:
+        atomic_write_text(path, "".join(keep))
 
 
 # Flags a resumed run may change: how long, where and how loudly it runs, how often it is
@@ -1503,6 +1683,8 @@ _UNSET = object()
 def merge_resume_args(parser, argv, args, safe=RESUME_SAFE):
     """With --resume: the checkpoint's args, with the `safe` flags given on the command line
     on top; any other flag given with another value is a UserError naming it."""
+    check_out_dir(os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.out_dir,
+                  "--resume" if args.resume else "--out-dir")
     if not args.resume:
         return args
     dests = [a.dest for a in parser._actions if a.dest != argparse.SUPPRESS]
@@ -1573,7 +1755,18 @@ def extract_features(encoder, data, split, taps=("y",), batch_size=256, device="
             feats[t].append(out[t].flatten(1).float().cpu())
         labels.append(y.cpu())
     encoder.train(was_training)
-    return {t: torch.cat(v).numpy() for t, v in feats.items()}, torch.cat(labels).numpy()
+    feats = {t: torch.cat(v).numpy() for t, v in feats.items()}
+    for t, f in feats.items():
+        check_finite_features(f, t)
+    return feats, torch.cat(labels).numpy()
+
+
+def check_finite_features(features, tap):
+    """A UserError before a probe meets nan or inf (scikit-learn's own error is a traceback)."""
+    finite = torch.isfinite(features).all().item() if torch.is_tensor(features) else np.isfinite(features).all()
+    if not finite:
+        raise UserError(f"the encoder's {tap} features hold nan or inf (its weights overflow); "
+                        "a run that gives them needs a lower --lr")
 
 
 def cluster_accuracy(pred, labels):
@@ -1706,6 +1899,7 @@ def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500, rule="weig
             out = [encoder(data.preprocess(x[i:i + batch_size].to(device), train=False))[tap]
                    .flatten(1).float() for i in range(0, len(x), batch_size)]
         feats[split] = (torch.cat(out), y.to(device))
+        check_finite_features(feats[split][0], tap)
     encoder.train(was_training)
     if rule == "uniform":
         return knn_accuracy(*(t.cpu().numpy() for t in (*feats["train"], *feats["test"])), k)
@@ -1747,10 +1941,10 @@ def plot_curves(metrics_path, png_path, monitor_keys, baselines=None):
         ax.set(title=title, xlabel="minutes" if x_key == "time" else "step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(png_path) or ".", suffix=".png")
+    fd, tmp = _temp_beside(png_path)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=80, format="png")
         os.replace(tmp, png_path)
     finally:
         plt.close(fig)

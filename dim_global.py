@@ -111,7 +111,7 @@ def parse_args(argv=None):
                    help="encoder tap giving C(x) for the local objective (default: the "
                         "encoder's next-to-last conv map, as for CIFAR in the paper)")
     p.add_argument("--y-dim", type=common.positive_int, default=64, help="size of y = E(x)")
-    p.add_argument("--embed-dim", type=common.positive_int, default=None,
+    p.add_argument("--embed-dim", type=common.width_int, default=None,
                    help=f"dot critic embedding width (paper {PAPER['embed_dim']}, recipe "
                         f"{RECIPE['embed_dim']}: faster on a CPU)")
     p.add_argument("--score-scale", type=common.positive_float, default=None,
@@ -142,7 +142,7 @@ def parse_args(argv=None):
                    help="coordinate prediction from (y, local features) (Table 5, App. A.7)")
     p.add_argument("--coord-weight", type=common.nonneg_float, default=1.0,
                    help="weight of the coordinate cross-entropies in the loss")
-    p.add_argument("--multi-global", type=common.nonneg_int, default=0, metavar="K",
+    p.add_argument("--multi-global", type=common.int_range(0, 64), default=0, metavar="K",
                    help="K less-global features from random blocks of the local map (Table 3)")
     p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
                    help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "

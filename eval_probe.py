@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--mlp-epochs", type=common.positive_int, default=50, help="MLP probe epochs")
     p.add_argument("--mlp-hidden", type=common.positive_int, default=200, help="MLP hidden units")
     p.add_argument("--dropout", type=common.probability, default=0.5, help="MLP probe dropout")
-    p.add_argument("--seed", type=common.nonneg_int, default=0)
+    p.add_argument("--seed", type=common.seed_int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--out", default=None, help="where to write the JSON (default beside the checkpoint)")
     p.add_argument("--measure-tap", default="y", help="tap measured by --mine/--ndm/--msssim/--tsne")
@@ -98,6 +98,10 @@ def parse_args(argv=None):
     bad = [t for t in args.probes if t not in PROBES]
     if bad:
         p.error(f"unknown probe(s) {', '.join(bad)}; choose from {', '.join(PROBES)}")
+    if args.out:  # checked now, not after the probes have run
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--out {args.out}: {folder} is not a writable folder")
     return args
 
 
@@ -411,6 +415,10 @@ def evaluate(args):
     if list(data.image_shape) != list(ckpt["image_shape"]):
         raise UserError(f"the encoder takes images of shape {tuple(ckpt['image_shape'])} but "
                         f"{dataset} has {tuple(data.image_shape)}; pick a dataset with that shape")
+    n_labelled = int((data.train_y >= 0).sum())
+    if "knn" in args.probes and args.knn_k > n_labelled:
+        raise UserError(f"--knn-k {args.knn_k} is more than the {n_labelled} labelled training "
+                        "images; lower it")
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     available = common.tap_shapes(encoder, data.image_shape, device)
     taps = [t for t in args.taps if t in available]

@@ -134,6 +134,9 @@ def parse_args(argv=None):
         p.error("--cat-dim must be at least 2")
     if args.n_cat + args.n_cont == 0:
         p.error("--n-cat and --n-cont are both 0: there is no code for Q to recover")
+    if args.n_cat == 0 and args.cluster_mi:
+        p.error(f"--cluster-mi {args.cluster_mi} clusters the categorical code: with --n-cat 0 "
+                "pass --cluster-mi 0")
     return args
 
 
@@ -203,7 +206,7 @@ class QHead(nn.Module):
     def forward(self, y):
         c = self.codes
         h = self.out(y).float()
-        logits = h[:, :c.n_cat * c.cat_dim].view(-1, c.n_cat, c.cat_dim)  # (N, n_cat, K)
+        logits = h[:, :c.n_cat * c.cat_dim].view(len(h), c.n_cat, c.cat_dim)  # (N, n_cat, K)
         if not self.learn_var:
             mu = h[:, c.n_cat * c.cat_dim:]  # (N, n_cont)
             return logits, mu, torch.zeros_like(mu)

@@ -93,7 +93,7 @@ def parse_args(argv=None):
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=3)
     p.add_argument("--dataset", default="colorful-digits", choices=common.PAIR_DATASETS,
                    help="pairs: colourful bundled digits (offline) or colourful MNIST")
-    p.add_argument("--epochs", type=common.positive_int, default=None,
+    p.add_argument("--epochs", type=common.epochs_int, default=None,
                    help="epochs of stage 1, and of stage 2 unless --exclusive-epochs is given "
                         "(default: 36 on colorful-digits, 20 on colorful-mnist)")
     p.add_argument("--max-steps", type=common.positive_int, default=None,
@@ -102,7 +102,7 @@ def parse_args(argv=None):
                    help="X and Y from one image (paper) or from two images of one class")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: shared encoders, 2: exclusive encoders (needs --shared-from), both")
-    p.add_argument("--exclusive-epochs", type=common.positive_int, default=None,
+    p.add_argument("--exclusive-epochs", type=common.epochs_int, default=None,
                    help="epochs of stage 2 (default: --epochs when given, else 24 on "
                         "colorful-digits and 20 on colorful-mnist)")
     p.add_argument("--shared-from", default=None, metavar="PATH",
@@ -149,7 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
                    help="steps of the S-Z discriminator D (each on a new shuffle of the batch) per "
                         "encoder step (stage 2)")
-    p.add_argument("--embed-dim", type=common.positive_int, default=256,
+    p.add_argument("--embed-dim", type=common.width_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
     p.add_argument("--probe", default="mlp", type=probe_list, metavar="PROBE[,PROBE]",
                    help=f"classifier(s) of the evaluation table, from {', '.join(PROBES)}: the first "
@@ -476,6 +476,9 @@ def train(args):
     common.seed_everything(args.seed)
     pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing,
                                  image_size=args.image_size)
+    if args.n_queries > len(pair.test_x) - 8:  # each query shows its 8 nearest other images
+        raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
+                        f"images, so at most {len(pair.test_x) - 8} queries")
     common.check_batch(args.batch_size, world, len(pair.train_x))
     enc, critics, cfgs = build_networks(args, pair.image_shape, device)
     # the monitor's baseline: the untrained encoders

@@ -77,6 +77,12 @@ SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP pr
 SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
 
 
+def positive_int(s):
+    if int(s) <= 0:  # 0 or less would mean no cap, or fail every recipe
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return int(s)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits", choices=["digits", *RAW_FOLDERS],
@@ -90,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every run")
     p.add_argument("--out", default="results.json", help="JSON written here")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=positive_int, default=None,
                    help="cap every run's steps (a smoke test of this script; not the recipes' numbers)")
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the run folders under DIR (default: a temporary folder)")
@@ -106,6 +112,8 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds) or not all(0 <= s < 2**32 for s in args.seeds):
+        p.error(f"--seeds {','.join(map(str, args.seeds))}: each seed once, each in [0, 2**32)")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.data_root is not None and args.dataset == "digits":
@@ -122,6 +130,15 @@ def parse_args(argv=None):
     if no_pairs:
         p.error(f"{', '.join(no_pairs)}: no colourful pairs are built from {args.dataset}; "
                 f"leave it out of --only")
+    # what would fail only after the first recipe (minutes to an hour in) is checked now
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        p.error(f"--out {args.out}: {folder} is not a writable folder")
+    if args.keep_runs and not args.merge:
+        used = [f"{m}-seed{s}" for m in args.only for s in args.seeds
+                if os.path.exists(os.path.join(args.keep_runs, f"{m}-seed{s}"))]
+        if used:
+            p.error(f"--keep-runs {args.keep_runs} already holds {', '.join(used)}; pass a new folder")
     return args
 
 
@@ -317,7 +334,13 @@ def main(argv=None):
                 json.dump(results, f, indent=2)
     print(f"\nruns kept in {keep}")
     print_table(results, args.out)
+    failed = [f"{m} seed {s}" for m in args.only for s, r in results[m].items() if "error" in r]
+    if failed:  # the table says why; the exit status must say that it did not all run
+        import common
+        raise common.UserError(f"{len(failed)} of {len(args.only) * len(args.seeds)} runs failed "
+                               f"({', '.join(failed)}); see their train.log under {keep}")
 
 
 if __name__ == "__main__":
-    main()
+    import common  # a broken MNIST folder, a full disk: one line and exit status 2
+    common.run_cli(main)

@@ -32,8 +32,8 @@ import common  # noqa: E402
 def parse_args(argv=None):
     p = common.ArgumentParser(description="Throughput benchmark for every script")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=common.positive_int, default=64)
-    p.add_argument("--embed-dim", type=common.positive_int, default=2048, help="DIM dot critic width")
+    p.add_argument("--batch-size", type=common.batch_size_int, default=64)
+    p.add_argument("--embed-dim", type=common.width_int, default=2048, help="DIM dot critic width")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the DIM networks")
     p.add_argument("--repeats", type=common.positive_int, default=5, help="timed steps per measurement")

@@ -173,7 +173,8 @@ def parser_of(script, argv=()):
     return caught[0]
 
 
-VALIDATORS = {common.positive_int, common.nonneg_int, common.batch_size_int, common.positive_float,
+VALIDATORS = {common.positive_int, common.nonneg_int, common.batch_size_int, common.seed_int,
+              common.positive_float,
               common.nonneg_float, common.probability, common.adam_beta,
               shared_exclusive.probe_list}  # --probe: names from a list, so -1, nan, seven are bad too
 
@@ -190,7 +191,8 @@ def test_every_numeric_flag_rejects_a_bad_value_in_one_line(tmp_path, capsys, na
     flags = numeric_flags(parser_of(script, positional))
     assert len(flags) >= 5
     for action in flags:
-        assert action.type in VALIDATORS or action.choices, action.option_strings
+        assert (action.type in VALIDATORS or action.choices or  # or bounded, common.int_range
+                action.type.__name__.startswith("integer in")), action.option_strings
         for bad in ("-1", "nan", "seven") if not action.choices else ("7",):
             with pytest.raises(SystemExit) as e:
                 script.main([*positional, action.option_strings[0], bad, "--out-dir", str(tmp_path)]
