@@ -182,7 +182,7 @@ def check_batch(batch_size, world, n_train):
                         "lower it")
 
 
-def add_common_args(parser, epochs, batch_size, lr, eval_every=1, eval_unit="epochs"):
+def add_common_args(parser, epochs, batch_size, lr, eval_every=1, eval_unit="epochs", amp=False):
     """Flags every training script has, spelled the same everywhere."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
@@ -197,7 +197,9 @@ def add_common_args(parser, epochs, batch_size, lr, eval_every=1, eval_unit="epo
     g.add_argument("--seed", type=seed_int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA or CPU)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=amp,
+                   help="bf16 autocast (CUDA or CPU)" + (" (default: where the device has "
+                        "native bf16, see native_bf16)" if amp is None else ""))
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
     g.add_argument("--out-dir", default="runs", help="run folders are created under this")
     g.add_argument("--resume", default=None, metavar="PATH",
@@ -253,6 +255,21 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def native_bf16(device):
+    """Whether bf16 autocast runs in hardware here: a CUDA device that supports it, or a CPU
+    with AVX-512 BF16 or AMX (elsewhere bf16 is emulated, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l for l in f if l.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device, enabled):

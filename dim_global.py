@@ -76,15 +76,16 @@ SCRIPT = "dim_global"
 # The defaults are the recipe measured on real images (docs/dim.md); `--paper` restores the
 # paper's configuration instead (arXiv:1808.06670, Sec. 4 and App. A.2). A flag given on the
 # command line wins over both. Lengths: the paper's epochs, or the recipe's (recipe_epochs).
-PAPER = {"batch_size": 64, "lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048, "shift": 0, "cross_view": "none",
-         "flip": 0.0, "jitter": 0.0, "gamma": 1.0}
-RECIPE = {"batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2, "cross_view": "warp",
-          "flip": 0.0, "jitter": 0.0, "gamma": 0.0}
+PAPER = {"amp": False, "batch_size": 64, "lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048,
+         "shift": 0, "cross_view": "none", "flip": 0.0, "jitter": 0.0, "gamma": 1.0}
+RECIPE = {"batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2,
+          "cross_view": "warp", "flip": 0.0, "jitter": 0.4, "gamma": 0.0}  # amp: native_bf16
 
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p, epochs=None, batch_size=None, lr=None, eval_every=1, eval_unit="metrics lines")
+    common.add_common_args(p, epochs=None, batch_size=None, lr=None, eval_every=1, eval_unit="metrics lines",
+                           amp=None)
     p.add_argument("--paper", action="store_true",
                    help="the paper's configuration instead of the recipe (see PAPER, RECIPE)")
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
@@ -256,6 +257,8 @@ def train(args):
     common.seed_everything(args.seed)
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
+    if args.amp is None:  # the recipe: bf16 where the device computes it natively
+        args.amp = common.native_bf16(device)
     if args.epochs is None:  # the recipe's length, from the data's size (in args.json)
         args.epochs = recipe_epochs(len(data.train_x), args.batch_size)
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)
