@@ -33,7 +33,7 @@ Where this script fills gaps in or departs from the paper:
   contrast / brightness changes and mirroring to that view.
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), a 128-wide dot critic (paper 2048: most of a CPU step).
-- Recipe length: 8 epochs or 620 steps, whichever is longer (recipe_epochs); the paper's
+- Recipe length: 8 epochs or 620 x 64 images, whichever is longer (recipe_epochs); the paper's
   epochs with `--paper`: 1000 on CIFAR, 200 elsewhere.
 - Metrics lines and the k-NN monitor every `--log-every` steps (about 20 a run); the monitor
   reads fixed subsets of at most 5,000 / 1,000 images, so it reads under the final k-NN.
@@ -165,10 +165,11 @@ def parse_args(argv=None):
     return args
 
 
-def recipe_epochs(n_train, batch_size, min_steps=620, min_epochs=8):
+def recipe_epochs(n_train, batch_size, min_images=620 * 64, min_epochs=8):
     """The recipe's length: at least `min_epochs` passes over the data and at least
-    `min_steps` optimiser steps (what small sets need), whichever is longer."""
-    return max(min_epochs, math.ceil(min_steps / (n_train // batch_size)))
+    `min_images` images through the optimiser (what small sets need: 620 steps of 64),
+    whichever is longer."""
+    return max(min_epochs, math.ceil(min_images / (n_train // batch_size * batch_size)))
 
 
 def occlude(x, fields, disjoint_pairs, block, p):
