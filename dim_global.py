@@ -84,8 +84,8 @@ RECIPE = {"batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 1
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p, epochs=None, batch_size=None, lr=None, eval_every=1, eval_unit="metrics lines",
-                           amp=None)
+    common.add_common_args(p, epochs=None, batch_size=None, lr=None, eval_every=1,
+                           eval_unit="metrics lines", amp=None)
     p.add_argument("--paper", action="store_true",
                    help="the paper's configuration instead of the recipe (see PAPER, RECIPE)")
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
@@ -120,10 +120,11 @@ def parse_args(argv=None):
                         "the paper's raw dot product is 1)")
     p.add_argument("--shift", type=common.nonneg_int, default=None, metavar="K",
                    help=f"translate each training image by up to K pixels (paper "
-                        f"{PAPER['shift']}: no augmentation outside STL-10; recipe {RECIPE['shift']})")
+                        f"{PAPER['shift']}: no augmentation outside STL-10; recipe "
+                        f"{RECIPE['shift']})")
     p.add_argument("--cross-view", default=None, choices=["none", "shift", "warp"],
-                   help=f"compute y from a second view of each image (paper {PAPER['cross_view']}, "
-                        f"recipe {RECIPE['cross_view']}; two "
+                   help=f"compute y from a second view of each image (paper "
+                        f"{PAPER['cross_view']}, recipe {RECIPE['cross_view']}; two "
                         "encoder passes per step): shift: shifted again by up to --shift px; "
                         "warp: rotated up to 25 degrees, scaled by up to 20%%, shifted 1.6 px")
     p.add_argument("--flip", type=common.probability, default=None,
@@ -288,13 +289,15 @@ def train(args):
     if prior_disc is not None:
         optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
     # the monitor's baseline: the untrained encoder (the one every run starts from)
-    knn_y_random_init = (common.knn_monitor(encoder, data, device, rule=args.knn_rule, amp=args.amp)
+    knn_y_random_init = (common.knn_monitor(encoder, data, device, rule=args.knn_rule,
+                                            amp=args.amp)
                          if args.eval_every and rank == 0 else None)
 
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
-    steps_per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True, world_size=world)
-    planned_steps = args.epochs * steps_per_epoch  # the schedule's length; --max-steps cuts it short
+    steps_per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True,
+                                     world_size=world)
+    planned_steps = args.epochs * steps_per_epoch  # the schedule's; --max-steps cuts it short
     total_steps = min(planned_steps, args.max_steps or math.inf)
     if not args.log_every:  # fixed once, in args.json, so a resumed run logs at the same steps
         args.log_every = max(1, round(planned_steps / 20))
@@ -316,7 +319,8 @@ def train(args):
     t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
     # the running sums of the current metrics line, carried over epochs and checkpoints
-    sums = dict(common.load_checkpoint(args.resume).get("extra", {}).get("sums", {})) if args.resume else {}
+    sums = (dict(common.load_checkpoint(args.resume).get("extra", {}).get("sums", {}))
+            if args.resume else {})
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
@@ -377,7 +381,7 @@ def train(args):
             if args.lr_schedule == "cosine":  # a function of the step alone: resumes exactly
                 for opt in optimizers.values():
                     for group in opt.param_groups:
-                        group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / planned_steps))
+                        group["lr"] = args.lr * (1 + math.cos(math.pi * step / planned_steps)) / 2
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
@@ -395,7 +399,7 @@ def train(args):
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs}, **shown)
             last = step >= total_steps
-            if step % args.log_every == 0 or last:  # a metrics line: the mean of each term since the last
+            if step % args.log_every == 0 or last:  # a metrics line: each term's mean since the last
                 stats = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
                 sums = {}
                 if rank == 0 and common.eval_due(args.eval_every, step // args.log_every - 1, last):
