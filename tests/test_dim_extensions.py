@@ -104,7 +104,7 @@ def test_random_blocks_are_partial_rectangles():
 
 def first_step(out_dir, *flags):
     run = dim_local.train(dim_local.parse_args(
-        ["--no-progress", "--max-steps", "1", "--epochs", "1", "--batch-size", "16",
+        ["--paper", "--no-progress", "--max-steps", "1", "--epochs", "1", "--batch-size", "16",
          "--embed-dim", "32", "--gamma", "0", "--out-dir", str(out_dir), *flags]))
     with open(run.path("metrics.jsonl")) as f:
         return json.loads(f.readline()), run
@@ -146,7 +146,8 @@ def test_each_flag_adds_its_term_to_the_loss(tmp_path, monkeypatch):
 
 def test_bad_flag_combinations_fail_with_one_line():
     for argv in (["--multi-global", "2", "--beta", "0", "--alpha", "1"], ["--occlude-p", "2"],
-                 ["--multi-global", "-1"], ["--cross-view", "shift"], ["--cross-view", "crop"]):
+                 ["--multi-global", "-1"], ["--paper", "--cross-view", "shift"],
+                 ["--cross-view", "shift", "--shift", "0"], ["--cross-view", "crop"]):
         with pytest.raises(SystemExit) as e:
             dim_local.parse_args(argv)
         assert e.value.code == 2
