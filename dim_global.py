@@ -14,7 +14,7 @@ the recipe sets gamma=0): the global critic flattens C(x), concatenates y and sc
 away (`--beta 1`), so DIM(L+G) is a setting of either script. dim_local.py is the same
 script with DIM(L)'s defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
 
-    python dim_global.py                                   # digits, ~1 min on 2 CPU cores
+    python dim_global.py                                   # digits, ~2 min on 2 CPU cores
     python dim_global.py --dataset fashion-mnist --data-root DIR   # 60,000 images
     python dim_global.py --dataset cifar10 --paper                 # the paper's configuration
 
