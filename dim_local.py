@@ -28,9 +28,10 @@ Where this script fills gaps in or departs from the paper:
   paper's raw dot product): raw 2048-d products spread by about 12 at initialisation, so
   infoNCE's softmax over ~4,000 candidates starts saturated and learns only from the largest.
 - Recipe: `--shift 2` translates training images by up to 2 px (paper: no augmentation).
-- Recipe: `--cross-view warp`: y from a second, independently warped view of each image, as
-  in AMDIM (Bachman et al. 2019, arXiv:1906.00910); `--jitter` and `--flip` (off) add
-  contrast / brightness changes and mirroring to that view.
+- Recipe: `--cross-view warp --jitter 0.4`: y from a second, independently warped view of
+  each image with its own contrast and brightness, as in AMDIM (Bachman et al. 2019,
+  arXiv:1906.00910); `--flip` (off) also mirrors it. bf16 autocast where the device computes
+  it natively (`--no-amp`: fp32).
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), a 128-wide dot critic (paper 2048: most of a CPU step).
 - Recipe length: 8 epochs or 620 x 64 images, whichever is longer (recipe_epochs); the paper's
