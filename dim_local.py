@@ -17,11 +17,8 @@ DIM(G)'s defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
     python dim_local.py --dataset fashion-mnist --data-root DIR   # 60,000 images
     python dim_local.py --dataset cifar10 --paper                 # the paper's configuration
 
-The defaults are a recipe measured on real images (RECIPE); `--paper` restores the paper's
-configuration (PAPER), and a flag given on the command line wins over both. Why each
-departure, with the measurements: docs/dim.md. `torchrun --nproc_per_node=K dim_local.py
---device cuda` trains with DDP: --batch-size is the global batch and negatives are gathered
-from every process, so the bound is one process's.
+Defaults: the recipe (RECIPE; why, measured: docs/dim.md); `--paper`: the paper's (PAPER); a
+flag given wins. Under `torchrun` negatives are gathered from every process (global batch).
 
 Where this script fills gaps in or departs from the paper:
 - The dot critic's scores are <g, l> / sqrt(E) for E = --embed-dim (`--score-scale 1` is the
@@ -34,10 +31,8 @@ Where this script fills gaps in or departs from the paper:
   it natively (`--no-amp`: fp32).
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), a 128-wide dot critic (paper 2048: most of a CPU step).
-- Recipe length: 8 epochs or 620 x 64 images, whichever is longer (recipe_epochs); the paper's
-  epochs with `--paper`: 1000 on CIFAR, 200 elsewhere.
-- Metrics lines and the k-NN monitor every `--log-every` steps (about 20 a run); the monitor
-  reads fixed subsets of at most 5,000 / 1,000 images, so it reads under the final k-NN.
+- Recipe length: 8 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
+  on CIFAR). The k-NN monitor reads fixed subsets every `--log-every` steps.
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
 - Prior matching uses the non-saturating GAN loss for the encoder (the paper's Eq. 7 is the
