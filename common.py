@@ -1459,6 +1459,8 @@ class Run:
                     self.dir = f"{base}-{i}"
             atexit.register(self.remove_if_unfinished)
         atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(plain_args(args), indent=2))
+        print("values in force: " + "  ".join(f"--{k.replace('_', '-')} {v}"
+                                              for k, v in sorted(plain_args(args).items())))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if writer is not None:  # TensorBoard's files beside metrics.jsonl, which stays the record
             self.tensorboard, self.pictures, self.step = writer(self.dir), {}, 0

@@ -15,9 +15,11 @@ the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one
 labels (paper: about 95% on MNIST), and a pixel classifier fitted to real images labels G's
 samples of each category (generated_category_purity: did G split or merge the classes?).
 
-    python infogan.py                            # digits, CPU: 100 epochs, 4400 steps
-    python infogan.py --dataset mnist            # 3,100 steps with the clustering term
-    python infogan.py --dataset mnist --cluster-mi 0 --width 64 --fc-dim 1024   # the paper
+    python infogan.py --dataset fashion-mnist     # the recipe: 3,100 steps or more (whole epochs)
+    python infogan.py --dataset fashion-mnist --paper   # the paper's configuration, 50 epochs
+
+Defaults: the recipe (RECIPE; why, measured: docs/infogan.md); `--paper`: the paper's (PAPER);
+a flag given wins over both.
 
 Where this script fills gaps in or departs from the paper (the measurements behind each
 choice, and the variants tried and not kept, are in docs/infogan.md):
@@ -29,11 +31,10 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
 - The trunk reads each real and fake batch concatenated into one, in D's step and in G's, so
   BatchNorm normalises both with the same statistics; with separate batches the BatchNorm
   before D's head removes most of what tells a real batch from a fake one.
-- On digits only: instance noise (Sonderby et al. 2016, arXiv:1610.04490) on every image the
-  trunk reads, annealed from --instance-noise 1 to 0, so that D does not win outright on the
-  small set and Q rewards c_cat carried in coarse shape; the paper's 0 elsewhere.
-- On digits only: lambda_cat 3 (the paper's 1). On digits and MNIST: narrower networks,
-  --width 32 --fc-dim 256 (the paper's 64 and 1024), so that more steps fit in CPU minutes.
+- `--instance-noise` (off in the recipe and the paper): noise (Sonderby et al. 2016,
+  arXiv:1610.04490) on every image the trunk reads, annealed to 0 over the run.
+- Recipe: narrower networks, --width 32 --fc-dim 256 (the paper's 64 and 1024), so that more
+  steps fit in CPU minutes.
 - Clustering accuracy is measured after resetting the trunk's BatchNorm running statistics to
   those of the real training images (training leaves averages of real and fake batches);
   cluster_acc_mixed_bn logs it with the training statistics.
@@ -41,15 +42,16 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   own random affine warp, as in differentiable augmentation for GANs (Zhao et al. 2020,
   arXiv:2006.10738): a category G could carry in pose alone (two slants of 1) no longer
   survives to Q, and D cannot learn the small training set by heart.
-- On digits and MNIST, `--cluster-mi 4` (0 elsewhere: the paper) adds IIC's clustering objective
-  (Ji et al. 2019, arXiv:1807.06653) to D and Q's step: Q's categories of a real image and of
-  its warped copy must agree and use every category. Q otherwise learns c_cat from G's
-  drawings alone, whose categories merge and split real MNIST's digits.
+- Recipe: `--cluster-mi 4` adds IIC's clustering objective (Ji et al. 2019, arXiv:1807.06653)
+  to D and Q's step: Q's categories of a real image and of its warped copy must agree and use
+  every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
+  split real MNIST's digits. The copy's contrast and brightness change too (`--cluster-jitter
+  0.5`), or the categories follow how light or dark a garment is.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
-- Not given by the paper: batch 32; 100 epochs on digits, 3,100 steps on MNIST whatever its
-  size (50 epochs of 2,000 images), 50 epochs elsewhere.
+- Not given by the paper: batch 32; the length: 50 epochs under --paper, the recipe's the
+  fewest whole epochs that make 3,100 steps (50 of 2,000 images, 2 of 60,000).
 - Under torchrun --batch-size is the global batch; each process draws its own noise and
   codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
@@ -66,22 +68,23 @@ from common import UserError
 
 
 NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
-# Defaults by dataset (a flag given wins): the paper's, except on the bundled digits and on
-# MNIST, where they were measured (docs/infogan.md). Narrower networks there fit the runs in
-# a few CPU minutes; the clustering term lifts both (the paper's losses alone cluster real
-# MNIST at 0.59). epochs None: as many as make MNIST_STEPS steps (50 epochs of 2,000
-# images, 1.7 of MNIST's 60,000).
-PAPER_DEFAULTS = {"epochs": 50, "width": 64, "fc_dim": 1024, "lambda_cat": 1.0,
-                  "instance_noise": 0.0, "cluster_mi": 0.0}
-DEFAULTS = {"digits": {**PAPER_DEFAULTS, "epochs": 100, "width": 32, "fc_dim": 256,
-                       "lambda_cat": 3.0, "instance_noise": 1.0, "cluster_mi": 4.0},
-            "mnist": {**PAPER_DEFAULTS, "epochs": None, "width": 32, "fc_dim": 256, "cluster_mi": 4.0}}
-MNIST_STEPS = 3100
+# The defaults are the recipe measured on real images (docs/infogan.md); `--paper` restores
+# the paper's configuration (arXiv:1606.03657, Sec. 6 and App. C) instead. A flag given on
+# the command line wins over both. Lengths: the fewest whole epochs that make RECIPE_STEPS
+# steps (50 of 2,000 images, 2 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
+PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
+         "cluster_mi": 0.0, "cluster_jitter": 0.0}
+RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
+          "cluster_mi": 4.0, "cluster_jitter": 0.5}
+RECIPE_STEPS, PAPER_EPOCHS = 3100, 50
 
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description="InfoGAN with categorical and continuous codes")
     common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
+    p.add_argument("--paper", action="store_true",
+                   help=f"the paper's configuration instead of the recipe (see PAPER, RECIPE; "
+                        f"{PAPER_EPOCHS} epochs where the recipe runs {RECIPE_STEPS} steps)")
     p.add_argument("--lr-g", type=common.positive_float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
     p.add_argument("--beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
@@ -91,35 +94,39 @@ def parse_args(argv=None):
     p.add_argument("--n-cont", type=common.nonneg_int, default=2,
                    help="number of continuous codes c_cont ~ Uniform(-1, 1)")
     p.add_argument("--lambda-cat", type=common.nonneg_float, default=None,
-                   help="weight of the categorical codes' information term (lambda); default 1 "
-                        "as in the paper, 3 on digits")
+                   help=f"weight of the categorical codes' information term (lambda; paper "
+                        f"{PAPER['lambda_cat']}, recipe {RECIPE['lambda_cat']})")
     p.add_argument("--lambda-cont", type=common.nonneg_float, default=0.1,
                    help="weight of the continuous codes' information term (lambda)")
     p.add_argument("--instance-noise", type=common.nonneg_float, default=None,
                    help="std of Gaussian noise added to the images D and Q read (real and fake), "
-                        "annealed linearly to 0 over the run; default 0 as in the paper, "
-                        "1 on digits")
+                        f"annealed linearly to 0 over the run (not in the paper: "
+                        f"{PAPER['instance_noise']}; recipe {RECIPE['instance_noise']})")
     p.add_argument("--warp", action="store_true",
                    help="D and Q read every image, real and generated, through its own random "
                         "affine warp (rotated up to 25 degrees, scaled by up to 20%%, shifted "
                         "1.6 px; not in the paper), so c_cat must survive a change of pose")
     p.add_argument("--cluster-mi", type=common.nonneg_float, default=None,
-                   help="weight of a clustering term on real images in D and Q's step (not in "
-                        "the paper; IIC, Ji et al. 2019): Q(c_cat | x) and Q(c_cat | t(x)), t a "
-                        "random affine warp, must agree and use every category; default 4 on "
-                        "digits and MNIST, 0 (the paper: no term) elsewhere")
+                   help=f"weight of a clustering term on real images in D and Q's step (not in "
+                        f"the paper; IIC, Ji et al. 2019): Q(c_cat | x) and Q(c_cat | t(x)), t a "
+                        f"random affine warp, must agree and use every category (paper "
+                        f"{PAPER['cluster_mi']}: no term; recipe {RECIPE['cluster_mi']})")
     p.add_argument("--cluster-balance", type=common.nonneg_float, default=2.0,
                    help="IIC's lambda in that term: weight of the categories' marginal entropies "
                         "against their joint entropy over the two views (1: the mutual information)")
+    p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,
+                   help=f"that term's warp also changes each copy's contrast and brightness by "
+                        f"up to this much (common.random_jitter), so that the categories cannot "
+                        f"follow how light or dark an image is (recipe {RECIPE['cluster_jitter']})")
     p.add_argument("--learn-cont-var", type=int, default=1, choices=[0, 1],
                    help="1: Q's Gaussian for the continuous codes learns its variance; "
                         "0: unit variance")
     p.add_argument("--width", type=common.positive_int, default=None,
-                   help="channels of D's first conv and G's last upconv (w; 2w between); "
-                        "default 64 as in the paper, 32 on digits and MNIST")
+                   help=f"channels of D's first conv and G's last upconv (w; 2w between; paper "
+                        f"{PAPER['width']}, recipe {RECIPE['width']}: faster on a CPU)")
     p.add_argument("--fc-dim", type=common.positive_int, default=None,
-                   help="width of D's and G's fc layer; default 1024 as in the paper, "
-                        "256 on digits and MNIST")
+                   help=f"width of D's and G's fc layer (paper {PAPER['fc_dim']}, recipe "
+                        f"{RECIPE['fc_dim']})")
     p.add_argument("--q-dim", type=common.positive_int, default=128,
                    help="width of Q's hidden layer (the encoder's y)")
     p.add_argument("--traversal-steps", type=common.positive_int, default=9,
@@ -127,9 +134,11 @@ def parse_args(argv=None):
     p.add_argument("--image-every", type=common.positive_int, default=10,
                    help="write the PNG grids every this many epochs (and after the last)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
-    for name, value in DEFAULTS.get(args.dataset, PAPER_DEFAULTS).items():
+    for name, value in (PAPER if args.paper else RECIPE).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.epochs is None and args.paper:
+        args.epochs = PAPER_EPOCHS
     if args.n_cat and args.cat_dim < 2:
         p.error("--cat-dim must be at least 2")
     if args.n_cat + args.n_cont == 0:
@@ -357,8 +366,8 @@ def train(args):
             common.recalibrate_batchnorm(untrained, data, device)
             acc_random_init = cluster_accuracies(untrained, q_head, data, device)[0]
     noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per rank
-    if args.epochs is None:  # --dataset mnist: a number of steps, whatever the data's size
-        args.epochs = common.epochs_for_steps(MNIST_STEPS, data, args.batch_size, world)
+    if args.epochs is None:  # the recipe's: a number of steps, whatever the data's size
+        args.epochs = common.epochs_for_steps(RECIPE_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(
         args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_gen})
     run = common.Run("infogan", args, run_dir)
@@ -408,7 +417,8 @@ def train(args):
             # recover the fake's codes
             with common.autocast(device, args.amp):
                 fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
-                warped = [common.random_affine(x, generator=noise_gen)] if args.cluster_mi else []
+                warped = [common.random_jitter(common.random_affine(x, generator=noise_gen),
+                                                 args.cluster_jitter, noise_gen)] if args.cluster_mi else []
                 out = enc(seen(torch.cat([x, fake.detach(), *warped])))
                 d_real, d_fake = d_net(out["fc"][:2 * n]).float().split(n)
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()

@@ -420,24 +420,15 @@ def test_runs_under_ddp_with_two_processes_ranks_agree_and_only_rank_0_writes(tm
                if f"encoder.{k}" in p0)  # the checkpoint holds the trained weights
 
 
-def test_departures_from_the_paper_default_on_for_digits_and_mnist_only():
-    paper = infoae.parse_args(["--dataset", "cifar10"])
+def test_recipe_by_default_paper_one_flag_away():
+    recipe, paper = infoae.parse_args([]), infoae.parse_args(["--paper"])
+    assert {k: getattr(recipe, k) for k in infoae.RECIPE} == infoae.RECIPE
     assert (paper.latent_adv, paper.latent_adv_gen, paper.instance_noise, paper.beta,
             paper.cluster_mi, paper.width, paper.hidden, paper.epochs) == (0, 0, 0, 1, 0, 64, 512, 50)
-    digits = infoae.parse_args([])
-    assert (digits.latent_adv, digits.latent_adv_gen, digits.instance_noise, digits.beta,
-            digits.cluster_mi, digits.cluster_balance, digits.epochs) == (1, 1, 1, 2, 4, 2, 60)
-    assert (digits.cluster_views, digits.cluster_shear, digits.cluster_scale,
-            paper.cluster_views) == (1, 0, 0.2, 1)
-    # --dataset mnist: the recipe measured on real MNIST (docs/infoae.md), its 80 epochs of
-    # 2,000 images stated as steps (the epochs are set when the data's size is known)
-    mnist = vars(infoae.parse_args(["--dataset", "mnist"]))
-    recipe = vars(infoae.parse_args("--dataset mnist --latent-adv 1 --latent-adv-gen 1 --instance-noise 1 "
-                                    "--beta 2 --cluster-mi 16 --cluster-views 8 --cluster-shear 0.3 --cluster-scale 0.35 "
-                                    "--width 16 --hidden 256".split()))
-    assert mnist == {**recipe, "epochs": None} and mnist["cluster_mi"] == 16
-    assert infoae.MNIST_STEPS == 80 * (2000 // 32)
+    assert recipe.epochs is None  # RECIPE_STEPS steps, set once the data's size is known
+    assert infoae.RECIPE_STEPS == 80 * (2000 // 32)
     assert infoae.parse_args(["--latent-adv", "0"]).latent_adv == 0  # a flag given wins
+    assert infoae.parse_args(["--paper", "--cluster-mi", "4"]).cluster_mi == 4
 
 
 def test_bad_flags_exit_with_one_line(capsys):

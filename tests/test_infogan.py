@@ -166,16 +166,14 @@ def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path)
         ckpt["modules"]["generator"])
 
 
-def test_defaults_are_the_papers_except_where_measured():
-    paper = infogan.parse_args(["--dataset", "cifar10"])
-    assert (paper.width, paper.fc_dim, paper.q_dim, paper.epochs) == (64, 1024, 128, 50)
-    assert (paper.lambda_cat, paper.instance_noise, paper.cluster_mi) == (1.0, 0.0, 0.0)
-    digits = infogan.parse_args([])
-    assert (digits.width, digits.fc_dim, digits.lambda_cat, digits.cluster_mi) == (32, 256, 3.0, 4.0)
-    mnist = infogan.parse_args(["--dataset", "mnist"])  # epochs: MNIST_STEPS steps, set in train
-    assert (mnist.width, mnist.fc_dim, mnist.lambda_cat, mnist.cluster_mi, mnist.epochs) == (32, 256, 1.0, 4.0, None)
-    assert infogan.parse_args(["--width", "64"]).width == 64  # a flag beats the default
-    assert infogan.parse_args(["--dataset", "mnist", "--cluster-mi", "0"]).cluster_mi == 0.0
+def test_recipe_by_default_paper_one_flag_away():
+    recipe, paper = infogan.parse_args([]), infogan.parse_args(["--paper"])
+    assert {k: getattr(recipe, k) for k in infogan.RECIPE} == infogan.RECIPE
+    assert {k: getattr(paper, k) for k in infogan.PAPER} == infogan.PAPER
+    assert (paper.width, paper.fc_dim, paper.lambda_cat, paper.cluster_mi) == (64, 1024, 1.0, 0.0)
+    assert (paper.epochs, recipe.epochs) == (infogan.PAPER_EPOCHS, None)  # None: RECIPE_STEPS
+    assert infogan.parse_args(["--paper", "--width", "32"]).width == 32  # a flag given wins
+    assert infogan.parse_args(["--cluster-mi", "0"]).cluster_mi == 0.0
 
 
 def test_instance_noise_has_the_asked_std_and_zero_is_the_identity():

@@ -1,8 +1,11 @@
 """benchmarks/reproduce.py end to end at a few steps: every recipe's keys reach the JSON."""
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +60,16 @@ def test_merge_joins_calls_run_side_by_side_and_refuses_a_clash(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 1 and "infogan seed 0 is in two files" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+
+@pytest.mark.parametrize("script", ["dim_local", "dim_global", "infogan", "infoae"])
+def test_no_default_is_keyed_to_the_datasets_name(script):
+    """What a run gets by default follows from the data (its size, its images), never from
+    the name passed to --dataset: every value but --dataset parses the same for each name."""
+    module = importlib.import_module(script)
+    # --paper's epochs may be the paper's own per dataset (DIM: 1000 on CIFAR, 200 elsewhere)
+    parsed = [{k: v for k, v in vars(module.parse_args(["--dataset", name, *flags])).items()
+               if k != "dataset" and not (flags and k == "epochs")}
+              for name in ("digits", "mnist", "fashion-mnist", "cifar10") for flags in ([], ["--paper"])]
+    assert all(p == parsed[0] for p in parsed[0::2]) and all(p == parsed[1] for p in parsed[1::2])
