@@ -1,4 +1,4 @@
-"""What the scripts share, by topic: command line and device, data (and image pairs), encoders,
+"""What the scripts share, by topic: command line and device, data, encoders,
 MI bounds and critics, multi-GPU, runs and checkpoints, metrics.
 
 Only infrastructure and pieces used by two or more scripts live here; each paper's own
@@ -647,138 +647,7 @@ def instance_noise(images, sigma, generator=None):
 
 
 # ----------------------------------------------------------------------------------------
-# Pair data (shared_exclusive.py, and eval_probe.py on its encoders): colourful digits
-# ----------------------------------------------------------------------------------------
-# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
-# same construction on the bundled digits. X = white digit on a coloured background, Y = the
-# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
-PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
-PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
-PAIRINGS = ["same-image", "same-class"]
-PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
-PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
-# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
-# orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
-PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
-                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
-                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
-
-
-def same_class_partners(labels, generator):
-    """For every image, a different image of the same class (uniformly among them)."""
-    partner = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        if len(idx) < 2:
-            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
-        # a random cyclic shift of a random order: every image gets another image of its class
-        order = idx[torch.randperm(len(idx), generator=generator)]
-        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
-        partner[order] = order.roll(shift)
-    return partner
-
-
-def colorize_pairs(gray, labels, pairing="same-image", generator=None):
-    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
-
-    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
-    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
-       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
-    Labels (N, 3): digit, background colour index, foreground colour index.
-    """
-    if pairing not in PAIRINGS:
-        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
-    n = len(gray)
-    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
-    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
-    g_y = g_x[partner]
-    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
-    fg_rgb = PALETTE[fg].float()[:, :, None, None]
-    x = g_x * 255.0 + (1 - g_x) * bg_rgb
-    y = g_y * fg_rgb + (1 - g_y) * 255.0
-    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
-    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
-
-
-@dataclass
-class PairData:
-    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
-    name: str
-    pairing: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    train_labels: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    test_labels: torch.Tensor
-    device: torch.device = None  # where batches() delivers, as Data's
-
-    @property
-    def image_shape(self):
-        return tuple(self.train_x.shape[1:])
-
-    def to(self, device):
-        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
-            setattr(self, k, getattr(self, k).to(device))
-        self.device = device
-        return self
-
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
-                rank=0, world_size=1):
-        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
-        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
-        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
-                     (self.test_x, self.test_y, self.test_labels))
-        device = self.device or x.device
-        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
-                                 world_size, x.device):
-            xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
-            yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
-
-    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
-        return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
-                             drop_last, world_size)
-
-    def domain(self, which, label="digit"):
-        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
-        generic tools (extract_features, eval_probe) can use it."""
-        col = PAIR_LABELS.index(label)
-        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
-        n_classes = 10 if label == "digit" else len(PALETTE)
-        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
-                    device=self.device)
-
-
-def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
-                   seed=PAIR_DATA_SEED, image_size=None, max_device_bytes=4 << 30):
-    """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
-    the same (name, pairing, seed, image_size) always gives the same pairs."""
-    if name not in PAIR_SOURCES:
-        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
-    gray = load_data(PAIR_SOURCES[name], root, torch.device("cpu"), image_size)  # offline error comes from here
-    gen = torch.Generator().manual_seed(seed)
-    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
-    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
-    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
-    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
-    if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
-        data.to(device)
-    return data
-
-
-def load_pair_domain(name, domain, root="./data", device=torch.device("cpu"), label="digit",
-                     pairing="same-image", seed=PAIR_DATA_SEED, image_size=None):
-    """One domain of a pair dataset as a `Data` (for eval_probe on a shared_exclusive encoder,
-    whose checkpoint's `extra` names pair_domain, pairing, pair_seed)."""
-    if domain not in ("x", "y"):
-        raise UserError(f"pair domain must be 'x' or 'y', got {domain!r}")
-    return load_pair_data(name, root, device, pairing, seed, image_size).domain(domain, label)
-
-
-# ----------------------------------------------------------------------------------------
-# Encoders: each returns a dict of named taps; every one eval_probe.py may have to rebuild
+# Encoders: each returns a dict of named taps
 # ----------------------------------------------------------------------------------------
 def _conv_bn_relu(cin, cout, k, s, p):
     return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout),
@@ -881,161 +750,32 @@ class ResNetEncoder(nn.Module):
         return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
 
 
-class InfoGANEncoder(nn.Module):
-    """InfoGAN's shared D/Q trunk plus Q's hidden layer (arXiv:1606.03657, App. C, MNIST architecture
-    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
-    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
-    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
-
-    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
-    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
-    eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
-    """
-    maps = ("c1", "conv")
-    default_local = "c1"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
-        super().__init__()
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 4
-        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
-                                      nn.LeakyReLU(slope, inplace=True))
-
-    def forward(self, x):
-        c1 = self.c1(x)
-        conv = self.c2(c1)
-        fc = self.fc(conv.flatten(1))
-        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+# The generic encoders; a script that owns other networks has its own ENCODERS (its
+# checkpoints' encoder_cfg names one of them, and eval_probe.py looks there first).
+ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder}
 
 
-class InfoAEEncoder(DCGANEncoder):
-    """InfoAE's encoder E (arXiv:1904.08613, §2): strided convs, no pooling, BatchNorm on every layer
-    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
-    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
-
-    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
-    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
-    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
-    """
-    maps = ("c1", "c2", "conv")
-    default_local = "c2"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
-        nn.Module.__init__(self)  # DCGANEncoder's layers differ; its forward (taps) is shared
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 8
-        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.out = nn.Linear(fc_dim, y_dim)
-
-
-class StandardizedDCGANEncoder(DCGANEncoder):
-    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
-    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
-    shared_exclusive.py's shared code S: an unbounded S lets the critics' first layers undo
-    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
-    constant part) instead of by removing what X and Y do not share."""
-
-    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
-        super().__init__(in_channels, image_size, y_dim, fc_dim)
-        self.y_norm = self.norm(y_dim)
-
-    @staticmethod
-    def norm(dim):
-        return nn.BatchNorm1d(dim, affine=False)
-
-    def forward(self, x):
-        out = super().forward(x)
-        out["y"] = self.y_norm(out["y"])
-        return out
-
-
-class Whitening(nn.Module):
-    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
-    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
-    direction of the output has unit variance, not only every coordinate (per-dimension
-    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
-    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
-    whitened code has by design (W-MSE's reason too).
-
-    Training: the batch's own mean and covariance, gradients flowing through both, so the
-    batch's output is exactly white whatever the code does; the batch must be larger than
-    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
-    """
-
-    def __init__(self, dim, momentum=0.1, eps=1e-6):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_cov", torch.eye(dim))
-        self.register_buffer("num_batches_tracked", torch.tensor(0))
-
-    def forward(self, y):
-        y = y.float()
-        if self.training:
-            if len(y) <= y.shape[1]:
-                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
-                                f"{y.shape[1]} samples, got {len(y)}")
-            mean = y.mean(0)
-            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
-            with torch.no_grad():
-                # a plain average over the first 1/momentum batches, then a moving one: the
-                # identity it starts from would linger as a floor under small directions
-                self.num_batches_tracked += 1
-                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_cov.lerp_(cov.detach(), m)
-        else:
-            mean, cov = self.running_mean, self.running_cov
-        # a tiny ridge, relative to the mean variance, for numerical safety only
-        eye = torch.eye(len(cov), device=cov.device)
-        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
-        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
-
-
-class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
-    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
-    shared_exclusive.py's `--shared-norm whiten`, so that S cannot hide what the L1 pull
-    should remove in directions of small variance."""
-
-    norm = Whitening
-
-
-ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder,
-            "infogan": InfoGANEncoder, "infoae": InfoAEEncoder,
-            "dcgan-std": StandardizedDCGANEncoder, "dcgan-white": WhitenedDCGANEncoder}
-
-
-def encoder_config(arch, image_shape, y_dim=64):
+def encoder_config(arch, image_shape, y_dim=64, encoders=ENCODERS):
     """The plain-typed constructor arguments saved in checkpoints ('auto' resolved here)."""
     c, h, w = image_shape
     if h != w or h % 8:
         raise UserError(f"encoders expect square images with a side divisible by 8, got {h}x{w}")
     if arch == "auto":
         arch = "alexnet" if h >= 64 else "dcgan"
-    if arch not in ENCODERS:
-        raise UserError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODERS)}")
+    if arch not in encoders:
+        raise UserError(f"unknown encoder {arch!r}; choose one of {', '.join(encoders)}")
     return {"arch": arch, "in_channels": int(c), "image_size": int(h), "y_dim": int(y_dim)}
 
 
-def build_encoder(cfg):
+def build_encoder(cfg, encoders=ENCODERS):
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
-    if arch not in ENCODERS:
+    if arch not in encoders:
         raise UserError(f"encoder_cfg names no known architecture ({arch!r}, not one of "
-                        f"{', '.join(ENCODERS)}): was the checkpoint edited?")
+                        f"{', '.join(encoders)}): was the checkpoint edited, or written by another "
+                        "version of the code? Evaluate it with the code that wrote it")
     try:
-        return ENCODERS[arch](**cfg)
+        return encoders[arch](**cfg)
     except (TypeError, ValueError) as e:  # arguments the architecture does not take
         raise UserError(f"encoder_cfg {dict(cfg, arch=arch)} builds no encoder ({e})") from None
 
@@ -1217,7 +957,7 @@ def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
 
 
 # ----------------------------------------------------------------------------------------
-# Critics, and prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
+# Critics: score global features against local (or conv) maps
 # ----------------------------------------------------------------------------------------
 class DotCritic(nn.Module):
     """Encode-and-dot-product critic (DIM's main tables).
@@ -1292,29 +1032,6 @@ class GlobalCritic(nn.Module):
             global_feat, conv_map = gather(global_feat), gather(conv_map)
         h = self.w_global(global_feat)[:, None, :] + self.w_conv(conv_map.flatten(1))[None, :, :]
         return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
-
-
-class PriorDiscriminator(nn.Module):
-    def __init__(self, dim, hidden=(1000, 200)):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[1], 1))
-
-    def forward(self, v):
-        return self.net(v).squeeze(-1)
-
-
-def prior_disc_loss(prior_disc, global_feat):
-    """Discriminator side: prior samples are real, sigmoid(y) (detached) is fake."""
-    fake = torch.sigmoid(global_feat.detach().float())
-    real = torch.rand_like(fake)
-    return F.softplus(-prior_disc(real)).mean() + F.softplus(prior_disc(fake)).mean()
-
-
-def prior_encoder_loss(prior_disc, global_feat):
-    """Encoder side (non-saturating GAN loss): make sigmoid(y) look like prior samples."""
-    return F.softplus(-prior_disc(torch.sigmoid(global_feat.float()))).mean()
 
 
 # ----------------------------------------------------------------------------------------
@@ -1616,10 +1333,10 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def encoder_from_checkpoint(ckpt):
-    """Rebuild the encoder from the checkpoint alone; every key must match exactly, and every
-    weight be finite."""
-    encoder = build_encoder(ckpt["encoder_cfg"])
+def encoder_from_checkpoint(ckpt, encoders=ENCODERS):
+    """Rebuild the encoder from the checkpoint alone (its architecture one of `encoders`);
+    every key must match exactly, and every weight be finite."""
+    encoder = build_encoder(ckpt["encoder_cfg"], encoders)
     try:
         result = encoder.load_state_dict(ckpt["encoder"], strict=False)
     except RuntimeError as e:  # a size mismatch
@@ -1745,12 +1462,9 @@ def set_rng_state(state, generators=None):
         g.set_state(state["generators"][k])
 
 
-DV_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
-
-
-def check_finite(loss, step, what="loss", hint=DV_HINT):
+def check_finite(loss, step, what, hint):
     """A UserError naming the step when `loss` is not finite. `hint`: what blew up and what to
-    try, in the script's own flags (the default is the DIM scripts', whose --loss dv can)."""
+    try, in the script's own flags."""
     if not torch.isfinite(loss).all():
         raise UserError(f"{what} became {loss.item()} at step {step}; {hint}")
 

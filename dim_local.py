@@ -67,6 +67,7 @@ import common
 from common import UserError
 
 SCRIPT = "dim_local"
+NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
 
 
 # The defaults are the recipe measured on real images (docs/dim.md); `--paper` restores the
@@ -227,6 +228,32 @@ def random_blocks(n, m, device):
     return (inside[0, :, :, None] & inside[1, :, None, :])[:, None].float()
 
 
+class PriorDiscriminator(nn.Module):
+    """Prior matching's discriminator (§3.3): MLP 1000-200-1 telling Uniform[0,1]^D samples
+    (real) from sigmoid(y) (fake)."""
+
+    def __init__(self, dim, hidden=(1000, 200)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[1], 1))
+
+    def forward(self, v):
+        return self.net(v).squeeze(-1)
+
+
+def prior_disc_loss(prior_disc, global_feat):
+    """Discriminator side: prior samples are real, sigmoid(y) (detached) is fake."""
+    fake = torch.sigmoid(global_feat.detach().float())
+    real = torch.rand_like(fake)
+    return F.softplus(-prior_disc(real)).mean() + F.softplus(prior_disc(fake)).mean()
+
+
+def prior_encoder_loss(prior_disc, global_feat):
+    """Encoder side (non-saturating GAN loss): make sigmoid(y) look like prior samples."""
+    return F.softplus(-prior_disc(torch.sigmoid(global_feat.float()))).mean()
+
+
 def build_critics(args, encoder, shapes, local_layer):
     """Only the terms with a non-zero weight get a network (and an optimiser entry)."""
     critics = {}
@@ -245,7 +272,7 @@ def build_critics(args, encoder, shapes, local_layer):
         critics["coord_rel"] = CoordHead(args.y_dim + 2 * shapes[local_layer][0],
                                          2 * shapes[local_layer][1] - 1)
     if args.gamma > 0:
-        critics["prior_disc"] = common.PriorDiscriminator(args.y_dim)
+        critics["prior_disc"] = PriorDiscriminator(args.y_dim)
     return critics
 
 
@@ -371,9 +398,9 @@ def train(args):
                                                      relative=(name == "coord_rel"))
                         loss = loss + args.coord_weight * logs[name]
                 if args.gamma > 0:
-                    logs["prior_gen"] = common.prior_encoder_loss(prior, y)
+                    logs["prior_gen"] = prior_encoder_loss(prior, y)
                     loss = loss + args.gamma * logs["prior_gen"]
-            common.check_finite(loss, step)
+            common.check_finite(loss, step, "loss", NAN_HINT)
             if args.lr_schedule == "cosine":  # a function of the step alone: resumes exactly
                 for opt in optimizers.values():
                     for group in opt.param_groups:
@@ -382,7 +409,7 @@ def train(args):
             loss.backward()
             optimizers["opt"].step()
             if prior_disc is not None:
-                d_loss = common.prior_disc_loss(prior, y)
+                d_loss = prior_disc_loss(prior, y)
                 optimizers["disc_opt"].zero_grad(set_to_none=True)
                 d_loss.backward()
                 optimizers["disc_opt"].step()

@@ -43,6 +43,7 @@ NDM discriminator's loss; the values here are flags.
 
     python eval_probe.py runs/<run>/checkpoint.pt --probes linear --mine --ndm --msssim --tsne
 """
+import importlib
 import json
 import math
 import os
@@ -385,31 +386,42 @@ def measures(args, encoder, data, device, suffix):
     return out
 
 
+def script_module(ckpt):
+    """The module of the script that wrote `ckpt` (a .py file beside this one), or None. A
+    script that owns networks lists them in its ENCODERS; one whose data are its own (image
+    pairs) has probe_data(ckpt, root, device, label)."""
+    name = ckpt["script"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not (isinstance(name, str) and name.isidentifier()
+            and os.path.isfile(os.path.join(here, name + ".py"))):
+        return None
+    return importlib.import_module(name)
+
+
 def load_encoder(args, device):
     ckpt = common.load_checkpoint(args.checkpoint)
+    module = script_module(ckpt)
+    encoders = {**common.ENCODERS, **getattr(module, "ENCODERS", {})}
     if args.random_init:
         torch.manual_seed(args.seed)
-        encoder = common.build_encoder(ckpt["encoder_cfg"])
+        encoder = common.build_encoder(ckpt["encoder_cfg"], encoders)
     else:
-        encoder = common.encoder_from_checkpoint(ckpt)
+        encoder = common.encoder_from_checkpoint(ckpt, encoders)
     encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return ckpt, encoder
+    return ckpt, module, encoder
 
 
 def evaluate(args):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
-    ckpt, encoder = load_encoder(args, device)
+    ckpt, module, encoder = load_encoder(args, device)
     run_args = ckpt["args"]
     dataset = args.dataset or ckpt["dataset"]
     data_root = args.data_root or run_args.get("data_root", "./data")
-    extra = ckpt.get("extra", {})
-    if extra.get("pair_domain") and args.dataset is None:  # a shared_exclusive encoder
-        data = common.load_pair_domain(dataset, extra["pair_domain"], data_root, device,
-                                       label=args.pair_label, pairing=extra["pairing"],
-                                       seed=extra["pair_seed"], image_size=ckpt["image_shape"][-1])
+    if hasattr(module, "probe_data") and args.dataset is None:  # the script's own data (pairs)
+        data = module.probe_data(ckpt, data_root, device, label=args.pair_label)
     else:
         data = common.load_data(dataset, data_root, device, image_size=ckpt["image_shape"][-1])
     if list(data.image_shape) != list(ckpt["image_shape"]):

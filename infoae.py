@@ -157,8 +157,41 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# The networks (E is common.InfoAEEncoder, registered as ENCODERS["infoae"])
+# The networks
 # ----------------------------------------------------------------------------------------
+class InfoAEEncoder(nn.Module):
+    """InfoAE's encoder E (arXiv:1904.08613, §2): strided convs, no pooling, BatchNorm on every layer
+    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
+    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
+
+    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
+    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
+    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
+    """
+    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 8
+        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        conv = self.c3(c2)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+ENCODERS = {"infoae": InfoAEEncoder}  # for eval_probe.py
+
+
 class Decoder(nn.Module):
     """Dec: latent -> image. fc to (4w, H/8, H/8) (BN, ReLU) -> upconv 4x4/2 2w (BN, ReLU)
     -> upconv 4x4/2 w (BN, ReLU) -> upconv 4x4/2 channels, tanh (images live in [-1, 1])."""
@@ -262,10 +295,10 @@ class LatentCritic(nn.Module):
 def build_networks(args, image_shape):
     """The encoder's config (saved in the checkpoint) and the six networks by name."""
     channels, size, _ = image_shape
-    enc_cfg = common.encoder_config("infoae", image_shape, args.latent_dim)
+    enc_cfg = common.encoder_config("infoae", image_shape, args.latent_dim, ENCODERS)
     enc_cfg.update(width=args.width)
     nets = {
-        "encoder": common.build_encoder(enc_cfg),
+        "encoder": common.build_encoder(enc_cfg, ENCODERS),
         "decoder": Decoder(args.latent_dim, channels, size, args.width),
         "generator": Generator(args.z_dim, args.categories, args.latent_dim, args.hidden),
         "classifier": Classifier(args.latent_dim, args.categories, args.hidden),

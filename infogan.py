@@ -162,6 +162,41 @@ class Codes:
         return torch.cat([z, onehot, cont], 1)
 
 
+class InfoGANEncoder(nn.Module):
+    """InfoGAN's shared D/Q trunk plus Q's hidden layer (arXiv:1606.03657, App. C, MNIST architecture
+    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
+    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
+    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
+
+    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
+    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
+    eval_probe.py). D's logit and Q's code outputs are the heads below.
+    """
+    maps = ("c1", "conv")
+    default_local = "c1"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 4
+        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
+                                      nn.LeakyReLU(slope, inplace=True))
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        conv = self.c2(c1)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+
+
+ENCODERS = {"infogan": InfoGANEncoder}  # for eval_probe.py
+
+
 class Generator(nn.Module):
     """fc fc_dim (BN, ReLU) -> fc 2w*(H/4)^2 (BN, ReLU) -> upconv 4x4/2 w (BN, ReLU) ->
     upconv 4x4/2 C, tanh. The paper's MNIST G (w = 64, fc_dim = 1024) with 7x7 -> 8x8 for
@@ -333,9 +368,9 @@ def train(args):
     if h != w or h % 4:
         raise UserError(f"InfoGAN expects square images with a side divisible by 4, got {h}x{w}")
     codes = Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
-    enc_cfg = {**common.encoder_config("infogan", data.image_shape, y_dim=args.q_dim),
+    enc_cfg = {**common.encoder_config("infogan", data.image_shape, args.q_dim, ENCODERS),
                "width": args.width, "fc_dim": args.fc_dim}
-    encoder = common.build_encoder(enc_cfg).to(device)  # D/Q trunk + Q's hidden layer
+    encoder = common.build_encoder(enc_cfg, ENCODERS).to(device)  # D/Q trunk + Q's hidden layer
     generator = Generator(codes.input_dim, c, h, args.width, args.fc_dim).to(device)
     d_head = DHead(args.fc_dim).to(device)
     q_head = QHead(codes, args.q_dim, args.learn_cont_var).to(device)

@@ -21,8 +21,8 @@ measure of the dependence of S and Z, does it instead, computed exactly on every
 
 Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
 (the offline default): X is the white digit on a background colour, Y the digit drawn in a
-colour on white, the two colours drawn once (common.PAIR_DATA_SEED), independently, from 12
-hues (common.PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
+colour on white, the two colours drawn once (PAIR_DATA_SEED), independently, from 12
+hues (PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
 image, so S holds the digit's class and style; `--pairing same-class` pairs two drawings of
 one class, so S becomes a class code and the pairing is weak supervision.
 
@@ -30,7 +30,7 @@ Where this script fills gaps in or departs from the paper (the measurements behi
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Not given by the paper: stage 2's weights (stage 1's: local 1, global 0.5) and the epochs
   (36 + 24 on colourful digits, 20 + 20 on colourful-MNIST); `--max-steps` caps each stage.
-- S is whitened over the batch (common.Whitening; unbounded as in the paper, `--shared-norm
+- S is whitened over the batch (Whitening; unbounded as in the paper, `--shared-norm
   none`, the L1 term is paid off by shrinking S, not by removing colour), and 16-d, not the
   paper's 64: on colourful-MNIST a whitened 32-d S already read the background at 0.65.
 - The L1 term (summed over the code, averaged over the batch) has weight 3.0, not the
@@ -54,6 +54,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
 import argparse
+from dataclasses import dataclass
 import math
 import os
 import time
@@ -67,6 +68,7 @@ import common
 from common import UserError
 
 SCRIPT = "shared_exclusive"
+NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
 REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_digit ...)
 # the encoder behind each --shared-norm / --exclusive-norm
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
@@ -91,14 +93,14 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description="Shared and exclusive representations by MI estimation",
                               conflict_handler="resolve")
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=3)
-    p.add_argument("--dataset", default="colorful-digits", choices=common.PAIR_DATASETS,
+    p.add_argument("--dataset", default="colorful-digits", choices=PAIR_DATASETS,
                    help="pairs: colourful bundled digits (offline) or colourful MNIST")
     p.add_argument("--epochs", type=common.epochs_int, default=None,
                    help="epochs of stage 1, and of stage 2 unless --exclusive-epochs is given "
                         "(default: 36 on colorful-digits, 20 on colorful-mnist)")
     p.add_argument("--max-steps", type=common.positive_int, default=None,
                    help="stop each stage after this many optimisation steps (smoke tests)")
-    p.add_argument("--pairing", default="same-image", choices=common.PAIRINGS,
+    p.add_argument("--pairing", default="same-image", choices=PAIRINGS,
                    help="X and Y from one image (paper) or from two images of one class")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: shared encoders, 2: exclusive encoders (needs --shared-from), both")
@@ -142,7 +144,7 @@ def parse_args(argv=None):
                    help="stage 2 weight of the paper's GAN loss that drives I(S; Z) down (paper: 0.1; "
                         "off by default, --hsic does it here; see the docstring)")
     p.add_argument("--shared-norm", default="whiten", choices=list(NORM_ARCH),
-                   help="S whitened over the batch (common.Whitening; the default), standardised "
+                   help="S whitened over the batch (Whitening; the default), standardised "
                         "per dimension (BatchNorm without affine) or left unbounded (the paper)")
     p.add_argument("--exclusive-norm", default="whiten", choices=["none", "whiten"],
                    help="Z left as the encoder gives it or whitened over the batch like S")
@@ -178,14 +180,232 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
+# Data: colourful digit pairs
+# ----------------------------------------------------------------------------------------
+# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
+# same construction on the bundled digits. X = white digit on a coloured background, Y = the
+# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
+PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
+PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
+PAIRINGS = ["same-image", "same-class"]
+PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
+PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
+# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
+# orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
+PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
+                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
+                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
+
+
+def same_class_partners(labels, generator):
+    """For every image, a different image of the same class (uniformly among them)."""
+    partner = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) < 2:
+            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
+        # a random cyclic shift of a random order: every image gets another image of its class
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
+        partner[order] = order.roll(shift)
+    return partner
+
+
+def colorize_pairs(gray, labels, pairing="same-image", generator=None):
+    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
+
+    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
+    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
+       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
+    Labels (N, 3): digit, background colour index, foreground colour index.
+    """
+    if pairing not in PAIRINGS:
+        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    n = len(gray)
+    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
+    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
+    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
+    g_y = g_x[partner]
+    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
+    fg_rgb = PALETTE[fg].float()[:, :, None, None]
+    x = g_x * 255.0 + (1 - g_x) * bg_rgb
+    y = g_y * fg_rgb + (1 - g_y) * 255.0
+    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
+    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
+
+
+@dataclass
+class PairData:
+    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
+    name: str
+    pairing: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    train_labels: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_labels: torch.Tensor
+    device: torch.device = None  # where batches() delivers, as Data's
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
+            setattr(self, k, getattr(self, k).to(device))
+        self.device = device
+        return self
+
+    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+                rank=0, world_size=1):
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
+        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
+        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
+                     (self.test_x, self.test_y, self.test_labels))
+        device = self.device or x.device
+        for idx in common.batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+                                 world_size, x.device):
+            xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
+            yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
+
+    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
+        return common.count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
+                             drop_last, world_size)
+
+    def domain(self, which, label="digit"):
+        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
+        generic tools (extract_features, eval_probe) can use it."""
+        col = PAIR_LABELS.index(label)
+        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
+        n_classes = 10 if label == "digit" else len(PALETTE)
+        return common.Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
+                    device=self.device)
+
+
+def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
+                   seed=PAIR_DATA_SEED, image_size=None, max_device_bytes=4 << 30):
+    """Colourful pairs built from a grayscale dataset (`common.load_data` of PAIR_SOURCES[name]);
+    the same (name, pairing, seed, image_size) always gives the same pairs."""
+    if name not in PAIR_SOURCES:
+        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
+    gray = common.load_data(PAIR_SOURCES[name], root, torch.device("cpu"), image_size)  # offline error comes from here
+    gen = torch.Generator().manual_seed(seed)
+    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
+    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
+    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
+    if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
+        data.to(device)
+    return data
+
+
+def probe_data(ckpt, root, device, label="digit"):
+    """The data eval_probe.py probes one of this script's encoders on: the domain its
+    checkpoint's `extra` names (pair_domain, pairing, pair_seed), labelled by `label`."""
+    extra = ckpt["extra"]
+    if extra.get("pair_domain") not in ("x", "y"):
+        raise UserError(f"the checkpoint names no pair domain ({extra.get('pair_domain')!r}); pass "
+                        "--dataset to probe its encoder on another dataset")
+    return load_pair_data(ckpt["dataset"], root, device, extra["pairing"], extra["pair_seed"],
+                          ckpt["image_shape"][-1]).domain(extra["pair_domain"], label)
+
+
+# ----------------------------------------------------------------------------------------
+# Encoders: DIM's, with the code standardised or whitened over the batch
+# ----------------------------------------------------------------------------------------
+class StandardizedDCGANEncoder(common.DCGANEncoder):
+    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
+    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
+    The shared code S: an unbounded S lets the critics' first layers undo
+    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
+    constant part) instead of by removing what X and Y do not share."""
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__(in_channels, image_size, y_dim, fc_dim)
+        self.y_norm = self.norm(y_dim)
+
+    @staticmethod
+    def norm(dim):
+        return nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["y"] = self.y_norm(out["y"])
+        return out
+
+
+class Whitening(nn.Module):
+    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
+    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
+    direction of the output has unit variance, not only every coordinate (per-dimension
+    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
+    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
+    whitened code has by design (W-MSE's reason too).
+
+    Training: the batch's own mean and covariance, gradients flowing through both, so the
+    batch's output is exactly white whatever the code does; the batch must be larger than
+    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
+    """
+
+    def __init__(self, dim, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, y):
+        y = y.float()
+        if self.training:
+            if len(y) <= y.shape[1]:
+                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
+                                f"{y.shape[1]} samples, got {len(y)}")
+            mean = y.mean(0)
+            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
+            with torch.no_grad():
+                # a plain average over the first 1/momentum batches, then a moving one: the
+                # identity it starts from would linger as a floor under small directions
+                self.num_batches_tracked += 1
+                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_cov.lerp_(cov.detach(), m)
+        else:
+            mean, cov = self.running_mean, self.running_cov
+        # a tiny ridge, relative to the mean variance, for numerical safety only
+        eye = torch.eye(len(cov), device=cov.device)
+        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
+        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
+
+
+class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
+    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
+    `--shared-norm whiten`, so that S cannot hide what the L1 pull
+    should remove in directions of small variance."""
+
+    norm = Whitening
+
+
+ENCODERS = {**common.ENCODERS, "dcgan-std": StandardizedDCGANEncoder,
+            "dcgan-white": WhitenedDCGANEncoder}
+
+
+# ----------------------------------------------------------------------------------------
 # The method: cross MI (stage 1), MI of R = (S, Z) plus the S-Z adversary (stage 2)
 # ----------------------------------------------------------------------------------------
-class SZDiscriminator(common.PriorDiscriminator):
+class SZDiscriminator(nn.Module):
     """Tells the joint (S, Z) (logit > 0) from (S, Z shuffled across the batch); the same
     1000-200-1 MLP as DIM's prior discriminator, on the concatenation."""
 
+    def __init__(self, dim, hidden=(1000, 200)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[1], 1))
+
     def forward(self, s, z):
-        return super().forward(torch.cat([s, z], 1).float())
+        return self.net(torch.cat([s, z], 1).float()).squeeze(-1)
 
 
 def shuffle_across_batch(z, generator=None):
@@ -244,9 +464,10 @@ def build_networks(args, image_shape, device):
     """Encoders and critics of both stages (all built, so every checkpoint has every key).
     Stage 1's are initialised first from the global seed and stage 2's from a stream of their
     own, so a stage-2 flag (--exclusive-dim, say) leaves stage 1 exactly as it was."""
-    shared_cfg = common.encoder_config(NORM_ARCH[args.shared_norm], image_shape, args.shared_dim)
-    excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim)
-    enc = {f"shared_{d}": common.build_encoder(shared_cfg) for d in "xy"}
+    shared_cfg = common.encoder_config(NORM_ARCH[args.shared_norm], image_shape, args.shared_dim, ENCODERS)
+    excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim,
+                                     ENCODERS)
+    enc = {f"shared_{d}": common.build_encoder(shared_cfg, ENCODERS) for d in "xy"}
     shapes = common.tap_shapes(enc["shared_x"], image_shape)
     conv_dim = math.prod(shapes["conv"])
 
@@ -262,7 +483,7 @@ def build_networks(args, image_shape, device):
         critics[f"shared_global_critic_{d}"] = common.GlobalCritic(conv_dim, args.shared_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1_000_003)
-        enc.update({f"exclusive_{d}": common.build_encoder(excl_cfg) for d in "xy"})
+        enc.update({f"exclusive_{d}": common.build_encoder(excl_cfg, ENCODERS) for d in "xy"})
         for d in "xy":
             critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim, args.exclusive_local_layer)
             critics[f"exclusive_global_critic_{d}"] = common.GlobalCritic(conv_dim, r_dim)
@@ -372,7 +593,7 @@ def evaluation_table(reps, pair, kind, seed):
     tr_lab, te_lab = pair.train_labels.cpu().numpy(), pair.test_labels.cpu().numpy()
     for rep, (tr, te) in reps.items():
         row = {"representation": rep[0] + "_" + rep[1]}
-        for col, target in enumerate(common.PAIR_LABELS):
+        for col, target in enumerate(PAIR_LABELS):
             # one BLAS thread: these fits are small, and threads spinning on a busy CPU made
             # them many times slower
             with warnings.catch_warnings(), threadpool_limits(1):
@@ -451,9 +672,9 @@ def load_shared(path, enc, args):
 
 def pair_extra(args, domain, part, shared_done):
     """What eval_probe needs besides the dataset name to rebuild an encoder's data:
-    common.load_pair_domain(ckpt["dataset"], extra["pair_domain"], pairing=..., seed=...)."""
+    probe_data(ckpt, ...) reads it back."""
     return {"pair_domain": domain, "part": part, "pairing": args.pairing,
-            "pair_seed": common.PAIR_DATA_SEED, "shared_epochs_done": shared_done}
+            "pair_seed": PAIR_DATA_SEED, "shared_epochs_done": shared_done}
 
 
 def save_encoders(run, enc, cfgs, parts, args, pair, epoch, step, shared_done):
@@ -474,7 +695,7 @@ def train(args):
             raise UserError(f"--{part}-norm whiten needs more than --{part}-dim {dim} samples per "
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
     common.seed_everything(args.seed)
-    pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing,
+    pair = load_pair_data(args.dataset, args.data_root, device, args.pairing,
                                  image_size=args.image_size)
     if args.n_queries > len(pair.test_x) - 8:  # each query shows its 8 nearest other images
         raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
@@ -544,7 +765,7 @@ def train(args):
                     loss, logs, sz = shared_step(x, y, fwd, fwd, bound, args, gather)
                 else:
                     loss, logs, sz = exclusive_step(x, y, frozen, fwd, bound, args, gather, hsic_memory)
-            common.check_finite(loss, step)
+            common.check_finite(loss, step, "loss", NAN_HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -600,7 +821,7 @@ def train(args):
     for probe, rows in tables:
         common.print_table(rows, title=f"\n{probe} probe test accuracy on {pair.name} ({pair.pairing}), "
                                        f"{step} steps, {(time.time() - t0) / 60:.1f} min "
-                                       f"(chance: digit 0.10, colours {1 / len(common.PALETTE):.3f})")
+                                       f"(chance: digit 0.10, colours {1 / len(PALETTE):.3f})")
     if watched:
         common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}
                             for k, v in watched.items()])

@@ -103,7 +103,7 @@ def bench_dim(args, device, peak, variant):
             out = enc(x)
             loss = -bound(critic(out["y"], out[tap]))
             if "prior_disc" in nets:
-                loss = loss + margs.gamma * common.prior_encoder_loss(nets["prior_disc"], out["y"])
+                loss = loss + margs.gamma * module.prior_encoder_loss(nets["prior_disc"], out["y"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -52,9 +52,9 @@ def test_batches_cover_the_split_once_in_range():
 
 
 def test_non_finite_loss_stops_with_the_step():
-    common.check_finite(torch.tensor(1.0), step=3)
-    with pytest.raises(common.UserError, match="at step 7"):
-        common.check_finite(torch.tensor(float("nan")), step=7)
+    common.check_finite(torch.tensor(1.0), 3, "loss", "lower --lr")
+    with pytest.raises(common.UserError, match="loss became nan at step 7; lower --lr"):
+        common.check_finite(torch.tensor(float("nan")), 7, "loss", "lower --lr")
 
 
 def test_checkpoint_roundtrip_rebuilds_the_encoder(tmp_path):

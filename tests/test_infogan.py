@@ -108,7 +108,7 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     # the checkpoint alone rebuilds the encoder (as eval_probe.py does) with the promised taps
     ckpt = common.load_checkpoint(ckpt_path)
     assert ckpt["step"] == 60 and ckpt["encoder_cfg"]["arch"] == "infogan"
-    encoder = common.encoder_from_checkpoint(ckpt).eval()
+    encoder = common.encoder_from_checkpoint(ckpt, infogan.ENCODERS).eval()
     shapes = common.tap_shapes(encoder, (1, 32, 32))
     args = infogan.parse_args([])  # digits defaults: w = 32, fc 256 (the paper's 64, 1024)
     assert (args.width, args.fc_dim, args.q_dim) == (32, 256, 128)
@@ -159,7 +159,7 @@ def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path)
     assert [l["step"] for l in lines] == [2, 2]  # one epoch line and the final line, once
     ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 32
-    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
+    common.encoder_from_checkpoint(ckpt, infogan.ENCODERS)  # strict: a DDP "module." prefix would fail here
     args = infogan.parse_args([])
     codes = infogan.Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
     infogan.Generator(codes.input_dim, 1, 32, args.width, args.fc_dim).load_state_dict(
@@ -234,8 +234,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     digits = common.load_data("digits")
     args = infogan.parse_args([])
     codes = infogan.Codes(args.noise_dim, 2, 10, 2)
-    enc = common.build_encoder({**common.encoder_config("infogan", digits.image_shape, y_dim=128),
-                                "width": 16, "fc_dim": 64})
+    enc = infogan.InfoGANEncoder(digits.image_shape[0], digits.image_shape[1], 128, width=16, fc_dim=64)
     q_head = infogan.QHead(codes, 128, 1)
     for m in (enc, q_head):
         infogan.dcgan_init(m)

@@ -331,7 +331,7 @@ def test_infoae_at_an_absurd_learning_rate_exits_in_one_line_with_nothing_saved(
 
 def test_whitening_overflowed_codes_is_one_line(capsys):
     """shared_exclusive --lr 1e30 ended in LinAlgError from the whitening's Cholesky."""
-    whiten = common.Whitening(4).train()
+    whiten = shared_exclusive.Whitening(4).train()
     err = one_line_exit_2(capsys, common.run_cli, lambda: whiten(torch.full((8, 4), float("nan"))))
     assert "lower --lr" in err
 
