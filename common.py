@@ -1411,31 +1411,27 @@ def cut_metrics(path, step):
 # watched. Everything else would make the continuation another run.
 RESUME_SAFE = ("epochs", "max_steps", "no_progress", "device", "eval_every", "data_root", "resume",
                "tensorboard", "knn_rule")
-_UNSET = object()
 
 
-def merge_resume_args(parser, argv, args, safe=RESUME_SAFE):
+def merge_resume_args(parser, argv, args, safe=RESUME_SAFE, renamed=None):
     """With --resume: the checkpoint's args, with the `safe` flags given on the command line
-    on top; any other flag given with another value is a UserError naming it."""
+    on top; any other flag given with another value is a UserError naming it. `renamed`
+    maps a dest an older checkpoint saved to the dest that holds it now."""
     check_out_dir(os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.out_dir,
                   "--resume" if args.resume else "--out-dir")
     if not args.resume:
         return args
-    dests = [a.dest for a in parser._actions if a.dest != argparse.SUPPRESS]
-    # parsed again onto a namespace that already holds every dest: argparse then fills in no
-    # default, so what is not _UNSET afterwards was typed on the command line
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
-    given = {k: v for k, v in vars(given).items() if v is not _UNSET}
-    saved = load_checkpoint(args.resume)["args"]
+    saved = {(renamed or {}).get(k, k): v for k, v in load_checkpoint(args.resume)["args"].items()}
+    # argparse fills in a default only where the namespace lacks the dest, so parsed onto the
+    # saved args, a dest differs from its saved value exactly where a flag gave another one
+    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     for key, value in saved.items():
-        if key in given and key not in safe and _plain(given[key]) != value:
-            flag = max(next(a for a in parser._actions if a.dest == key).option_strings, key=len)
-            raise UserError(f"{flag} {given[key]} differs from the resumed run's {value}; "
-                            f"a resumed run may change only "
+        given = getattr(merged, key)
+        if key not in safe and _plain(given) != value:
+            raise UserError(f"--{key.replace('_', '-')} {given} differs from the resumed run's "
+                            f"{value}; a resumed run may change only "
                             f"{', '.join('--' + k.replace('_', '-') for k in safe if k != 'resume')}")
-        if key not in given or key not in safe:
-            setattr(args, key, value)
-    return args
+    return merged
 
 
 def rng_state(generators=None):
