@@ -84,7 +84,7 @@ def parse_args(argv=None):
     common.add_common_args(p, epochs=None, batch_size=32, lr=2e-4)
     p.add_argument("--lr-g", type=common.positive_float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
-    p.add_argument("--beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--adam-beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
     p.add_argument("--noise-dim", type=common.nonneg_int, default=62, help="size of the incompressible noise z")
     p.add_argument("--n-cat", type=common.nonneg_int, default=1, help="number of categorical codes c_cat")
     p.add_argument("--cat-dim", type=common.positive_int, default=10, help="categories per categorical code (K)")
@@ -126,7 +126,7 @@ def parse_args(argv=None):
                    help="columns per continuous code in the traversal grid (-2 .. 2)")
     p.add_argument("--image-every", type=common.positive_int, default=10,
                    help="write the PNG grids every this many epochs (and after the last)")
-    args = common.merge_resume_args(p, argv, p.parse_args(argv))
+    args = common.merge_resume_args(p, argv, p.parse_args(argv), renamed={"beta1": "adam_beta1"})
     for name, value in DEFAULTS.get(args.dataset, PAPER_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -378,7 +378,7 @@ def train(args):
         dcgan_init(m)
     q_params = list(encoder.q_hidden.parameters()) + list(q_head.parameters())
     d_params = [p for n, p in encoder.named_parameters() if not n.startswith("q_hidden.")]
-    betas = (args.beta1, 0.999)
+    betas = (args.adam_beta1, 0.999)
     optimizers = {
         "opt_dq": common.adam([{"params": d_params + list(d_head.parameters()), "lr": args.lr},
                                {"params": q_params, "lr": args.lr_g}], lr=args.lr, betas=betas),

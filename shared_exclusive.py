@@ -17,7 +17,7 @@ default) and critics. The paper drives I(S; Z) down with an adversary, - g D(joi
 measure of the dependence of S and Z, does it instead, computed exactly on every step.
 
     python shared_exclusive.py                     # colourful digits, CPU, about 8 min
-    python shared_exclusive.py --dataset colorful-mnist --probe mlp,whitened-mlp  # 20 + 20 epochs
+    python shared_exclusive.py --dataset colorful-mnist --probes sk-mlp,whitened-sk-mlp  # 20 + 20 epochs
 
 Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
 (the offline default): X is the white digit on a background colour, Y the digit drawn in a
@@ -48,8 +48,8 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   conv`), Z's the 8x8 map before it (`--exclusive-local-layer c2`); on colourful-MNIST the
   4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X. The
   dot critic embeds 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
-- Evaluation: an MLP probe (one 200-unit hidden layer; `--probe linear`, or `whitened-mlp` on
-  PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
+- Evaluation: an MLP probe (scikit-learn's, one 200-unit hidden layer; `--probes linear`, or
+  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
@@ -74,13 +74,19 @@ REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
 
 
-PROBES = ("mlp", "linear", "whitened-mlp")
+# sk-mlp is scikit-learn's MLPClassifier (eval_probe.py's mlp is a torch MLP with dropout)
+PROBES = ("sk-mlp", "linear", "whitened-sk-mlp")
+OLD_PROBES = {"mlp": "sk-mlp", "whitened-mlp": "whitened-sk-mlp"}  # their names in older checkpoints
 
 
 def probe_list(text):
-    """--probe: comma-separated probe names, each one of PROBES, none twice."""
+    """--probes: comma-separated probe names, each one of PROBES, none twice."""
     probes = [t for t in text.split(",") if t]
     bad = [t for t in probes if t not in PROBES]
+    renamed = [f"{t} is now {OLD_PROBES[t]}" for t in bad if t in OLD_PROBES]
+    if renamed:
+        raise argparse.ArgumentTypeError(f"{'; '.join(renamed)} (scikit-learn's MLP; eval_probe.py's "
+                                         "mlp is a torch MLP with dropout)")
     if bad or not probes or len(set(probes)) < len(probes):
         raise argparse.ArgumentTypeError(f"expected probes from {', '.join(PROBES)}, comma-separated "
                                          f"and each once, got {text!r}")
@@ -153,18 +159,20 @@ def parse_args(argv=None):
                         "encoder step (stage 2)")
     p.add_argument("--embed-dim", type=common.width_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
-    p.add_argument("--probe", default="mlp", type=probe_list, metavar="PROBE[,PROBE]",
+    p.add_argument("--probes", default="sk-mlp", type=probe_list, metavar="PROBE[,PROBE]",
                    help=f"classifier(s) of the evaluation table, from {', '.join(PROBES)}: the first "
                         "logs acc_<code>_<target>, the others acc_<code>_<target>_<probe> "
-                        "(whitened-mlp: the MLP on PCA-whitened codes, which reads what lies in "
-                        "directions of small variance)")
+                        "(sk-mlp: scikit-learn's MLPClassifier, one 200-unit layer; whitened-sk-mlp: "
+                        "the same on PCA-whitened codes, which reads what lies in directions of "
+                        "small variance)")
     p.add_argument("--n-queries", type=common.positive_int, default=4,
                    help="query images per domain in the nearest-neighbour PNG")
     p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
                    help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "
                         "solo-learn, or scikit-learn's uniform vote (runs before 2026-12-06)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv),
-                                    (*common.RESUME_SAFE, "exclusive_epochs"))
+                                    (*common.RESUME_SAFE, "exclusive_epochs"), {"probe": "probes"})
+    args.probes = [OLD_PROBES.get(name, name) for name in args.probes]
     if args.exclusive_epochs is None:  # --epochs, when given, sets both stages
         args.exclusive_epochs = args.epochs or {"colorful-digits": 24}.get(args.dataset, 20)
     if args.epochs is None:
@@ -576,9 +584,9 @@ def probe_accuracy(kind, train_x, train_y, test_x, test_y, seed):
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    # whitened-mlp rescales every principal direction to unit variance first, so what lies in
+    # whitened-sk-mlp rescales every principal direction to unit variance first, so what lies in
     # directions of small variance weighs as much as the rest (where S kept colour: docs/shared_exclusive.md)
-    scale = PCA(whiten=True) if kind == "whitened-mlp" else StandardScaler()
+    scale = PCA(whiten=True) if kind == "whitened-sk-mlp" else StandardScaler()
     clf = make_pipeline(scale, MLPClassifier((200,), alpha=1e-3, max_iter=500, random_state=seed))
     clf.fit(train_x, train_y)
     return float(clf.score(test_x, test_y))
@@ -814,8 +822,8 @@ def train(args):
         return run, {}
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
     reps = representations(enc, pair, device, stages_done)
-    metrics, tables = evaluate(reps, pair, args.probe, args.seed)
-    run.log(step=step, probe=",".join(args.probe), **metrics,
+    metrics, tables = evaluate(reps, pair, args.probes, args.seed)
+    run.log(step=step, probe=",".join(args.probes), **metrics,
             **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)
     for probe, rows in tables:

@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 IA_PAPER = ["--latent-adv", "0", "--latent-adv-gen", "0", "--instance-noise", "0", "--cluster-mi", "0",
             "--beta", "1"]  # infoae.py's defaults on datasets other than digits and MNIST
 IG_PAPER = ["--lambda-cat", "1", "--instance-noise", "0", "--cluster-mi", "0"]
-SE_PROBES = ["--probe", "mlp,whitened-mlp"]
+SE_PROBES = ["--probes", "sk-mlp,whitened-sk-mlp"]
 SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
             "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0",
             "--local-layer", "c2", "--exclusive-local-layer", "c2"]  # the paper names no layer
@@ -78,7 +78,7 @@ SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP pr
     "z_x_background": "acc_ZX_background", "z_y_foreground": "acc_ZY_foreground",
     "z_x_digit": "acc_ZX_digit", "z_y_digit": "acc_ZY_digit",
 }
-SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
+SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-sk-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
 
 
 def positive_int(s):
@@ -261,7 +261,7 @@ def markdown(results):
         for seed, m in results.get(method, {}).items():
             cells = [f"failed ({m['error']})"] if "error" in m else []
             if method.startswith("shared_exclusive") and "error" not in m:
-                cells = [shared_exclusive_cell(m, "") + "; whitened-mlp " + shared_exclusive_cell(m, "_whitened")]
+                cells = [shared_exclusive_cell(m, "") + "; whitened-sk-mlp " + shared_exclusive_cell(m, "_whitened")]
             for k in COLUMNS[method] if not cells else []:
                 base = m.get("untrained_" + k)
                 cells.append(f"{k} {m[k]:.3f}" + (f" (untrained {base:.3f})" if base is not None else ""))

@@ -102,7 +102,7 @@ TINY = {
     dim_global: ["--y-dim", "16"],
     infogan: ["--width", "8", "--fc-dim", "32", "--q-dim", "16"],
     infoae: ["--width", "4", "--hidden", "32"],
-    shared_exclusive: ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probe", "linear"],
+    shared_exclusive: ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear"],
 }
 
 

@@ -261,3 +261,9 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     print("I(Q's category; Q's category of the warp) per code, before / after:", before, after, used)
     assert max(before) < 0.01 and min(after) > 0.8, (before, after)  # 1.4-1.6 for seeds 0-3
     assert min(used) >= 8
+
+
+def test_adam_beta1_is_spelled_as_in_infoae():
+    assert infogan.parse_args(["--adam-beta1", "0.3"]).adam_beta1 == 0.3
+    with pytest.raises(SystemExit):  # the old spelling is one argparse error, not a silent default
+        infogan.parse_args(["--beta1", "0.3"])

@@ -13,7 +13,7 @@ import common
 import shared_exclusive as se
 
 FAST = ["--no-progress", "--max-steps", "2", "--epochs", "1", "--batch-size", "32",
-        "--embed-dim", "32", "--probe", "linear", "--n-queries", "2"]
+        "--embed-dim", "32", "--probes", "linear", "--n-queries", "2"]
 
 
 def digits_gray():
@@ -306,9 +306,9 @@ def test_whitened_probe_reads_a_label_hidden_in_a_direction_of_small_variance():
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        acc = {k: se.probe_accuracy(k, a, ya, b, yb, 0) for k in ("mlp", "linear", "whitened-mlp")}
-    assert acc["whitened-mlp"] > 0.9
-    assert acc["mlp"] < 0.5 and acc["linear"] < 0.5
+        acc = {k: se.probe_accuracy(k, a, ya, b, yb, 0) for k in ("sk-mlp", "linear", "whitened-sk-mlp")}
+    assert acc["whitened-sk-mlp"] > 0.9
+    assert acc["sk-mlp"] < 0.5 and acc["linear"] < 0.5
 
 
 def test_stage2_flags_leave_stage1_initialisation_alone():
@@ -367,15 +367,15 @@ def test_every_probe_of_the_list_gets_its_own_keys_and_bad_lists_are_refused():
     codes = np.eye(10)[digit] + 0.1 * rng.normal(size=(400, 10))  # the digit, linearly
     labels = torch.as_tensor(np.stack([digit, digit % 2, rng.integers(0, 12, 400)], 1))
     pair = SimpleNamespace(train_labels=labels[:300], test_labels=labels[300:])
-    metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "mlp"], 0)
-    assert [p for p, _ in tables] == ["linear", "mlp"]
-    assert set(metrics) == {f"acc_SX_{t}{s}" for t in se.PAIR_LABELS for s in ("", "_mlp")}
-    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_mlp"] > 0.95
-    assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_mlp"] < 0.3
-    assert se.parse_args(["--probe", "mlp,whitened-mlp"]).probe == ["mlp", "whitened-mlp"]
-    for bad in ("mlp,bogus", "mlp,mlp", ","):
+    metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "sk-mlp"], 0)
+    assert [p for p, _ in tables] == ["linear", "sk-mlp"]
+    assert set(metrics) == {f"acc_SX_{t}{s}" for t in se.PAIR_LABELS for s in ("", "_sk-mlp")}
+    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_sk-mlp"] > 0.95
+    assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_sk-mlp"] < 0.3
+    assert se.parse_args(["--probes", "sk-mlp,whitened-sk-mlp"]).probes == ["sk-mlp", "whitened-sk-mlp"]
+    for bad in ("sk-mlp,bogus", "sk-mlp,sk-mlp", ",", "mlp"):  # mlp: its old name, now sk-mlp
         with pytest.raises(SystemExit):
-            se.parse_args(["--probe", bad])
+            se.parse_args(["--probes", bad])
 
 
 def test_user_errors(tmp_path):
