@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import datetime
 import errno
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -355,7 +357,7 @@ class Data:
     def split(self, split):
         return (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
 
-    def preprocess(self, x, train, generator=None):
+    def preprocess(self, x, train, rng=None):
         """uint8 batch -> float in [-1, 1], with augmentation done on the batch's device."""
         x = x.float().div_(127.5).sub_(1.0)
         if not self.crop:
@@ -366,60 +368,59 @@ class Data:
             top, left = (h - c) // 2, (w - c) // 2
             return x[:, :, top:top + c, left:left + c]
         # random crop per image via unfold-free gather: build index grids on the device
-        tops = torch.randint(0, h - c + 1, (n,), generator=generator).to(x.device)
-        lefts = torch.randint(0, w - c + 1, (n,), generator=generator).to(x.device)
+        tops = torch.randint(0, h - c + 1, (n,), generator=rng).to(x.device)
+        lefts = torch.randint(0, w - c + 1, (n,), generator=rng).to(x.device)
         ar = torch.arange(c, device=x.device)
         rows = (tops[:, None] + ar)[:, None, :, None].expand(n, x.shape[1], c, w)
         x = x.gather(2, rows)
         cols = (lefts[:, None] + ar)[:, None, None, :].expand(n, x.shape[1], c, c)
         x = x.gather(3, cols)
-        flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+        flip = torch.rand(n, generator=rng).to(x.device) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+    def batches(self, split, batch_size, shuffle=False, rng=None, drop_last=False,
                 rank=0, world_size=1):
         """Yield (float images, labels) on `self.device` (augmented there); no DataLoader."""
         x, y = self.split(split)
         device = self.device or x.device
-        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+        for idx in batch_indices(len(x), batch_size, shuffle, rng, drop_last, rank,
                                  world_size, x.device):
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            yield self.preprocess(xb, train=(split == "train"), generator=generator), yb
+            yield self.preprocess(xb, train=(split == "train"), rng=rng), yb
 
     def n_batches(self, split, batch_size, drop_last=False, world_size=1):
         return count_batches(len(self.split(split)[0]), batch_size, drop_last, world_size)
 
 
-def random_shift(x, max_shift, generator=None):
+def random_shift(x, max_shift, rng=None):
     """Each image of a [-1, 1] batch translated by its own (dy, dx) in [-max_shift, max_shift],
     the uncovered border filled with -1 (black); x itself when max_shift is 0."""
     if max_shift == 0:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(x.device)
+    tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=rng).to(x.device)
     rows = (tops + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
     cols = (lefts + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
 
 
 def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.0,
-                  flip=0.0, generator=None):
+                  flip=0.0, rng=None):
     """Each image warped by its own random rotation (up to max_rotate degrees either way),
     scaling of its width and of its height (each by 1 +- max_scale), shift (up to max_shift
     of the half-width, 1.6 pixels of 32) and, where max_shear > 0, horizontal shear (x moved
     by up to max_shear times y, a change of slant); what enters the frame is background, -1
     (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
     proportions: a 1 that leans or is wide stays a 1. With probability `flip` an image is
-    also mirrored left to right. Draws from `generator` (a CPU one) where given, else from
-    the global generator on x's device (the shear's and the flip's draws come last, and only
-    where they are on, so warps without them are what they were)."""
+    also mirrored left to right. Draws from `rng` (a CPU torch.Generator) where given, else from
+    the global generator on x's device."""
     n = len(x)
 
     def uniform(*shape):  # in [-1, 1)
-        if generator is None:
+        if rng is None:
             return torch.rand(*shape, device=x.device) * 2 - 1
-        return (torch.rand(*shape, generator=generator) * 2 - 1).to(x.device)
+        return (torch.rand(*shape, generator=rng) * 2 - 1).to(x.device)
 
     angle = uniform(n) * max_rotate * torch.pi / 180
     scale = 1 + uniform(n, 2) * max_scale  # width, height apart
@@ -439,21 +440,21 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 
 
-def random_jitter(x, strength, generator=None):
+def random_jitter(x, strength, rng=None):
     """Each image of a [-1, 1] batch with its own contrast (times 1 +- strength) and
     brightness (+- strength/2 of the range) change, clipped to the range; x itself when
-    strength is 0. Draws from `generator` (a CPU one) where given."""
+    strength is 0. Draws from `rng` (a CPU torch.Generator) where given."""
     if strength == 0:
         return x
     n = len(x)
-    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device)
+    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=rng) * 2 - 1) * strength).to(x.device)
     return ((x + 1) / 2 * (1 + contrast) + brightness / 2).clamp(0, 1) * 2 - 1
 
 
-def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
+def batch_indices(n, batch_size, shuffle, rng, drop_last, rank, world_size, device):
     """Index tensors of one pass over n examples. Under torchrun every rank draws the same
-    order (same generator seed) and takes its own slice, so all see the same number of batches."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order (same seed of `rng`) and takes its own slice, so all see the same number of batches."""
+    order = torch.randperm(n, generator=rng) if shuffle else torch.arange(n)
     if world_size > 1:
         per_rank = n // world_size
         order = order[rank * per_rank:(rank + 1) * per_rank]
@@ -635,15 +636,15 @@ def load_data(name, root="./data", device=torch.device("cpu"), image_size=None,
     return data
 
 
-def instance_noise(images, sigma, generator=None):
+def instance_noise(images, sigma, rng=None):
     """images + N(0, sigma^2) instance noise (Sonderby et al. 2016), the images themselves when
-    sigma is 0. With a `generator` the noise is drawn on the CPU from it (reproducible per
+    sigma is 0. With an `rng` the noise is drawn on the CPU from it (reproducible per
     rank), else from the images' device's default generator."""
     if sigma == 0:
         return images
-    if generator is None:
+    if rng is None:
         return images + sigma * torch.randn_like(images)
-    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
+    return images + sigma * torch.randn(images.shape, generator=rng).to(images.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -893,21 +894,12 @@ def _as_3d(scores):
     return scores.float()  # bounds in fp32 even under autocast
 
 
-def _positives(s):
-    return s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K)
-
-
-def _negative_mask(s):
-    n = s.shape[0]
-    return ~torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
-
-
 def jsd_bound(scores):
     """Jensen-Shannon MI estimate: E_pos[-sp(-T)] - E_neg[sp(T)], positives excluded from
     the negatives. Insensitive to the number of negatives."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
     e_pos = -F.softplus(-pos).mean()
     # sum of sp(T) over everything minus over the diagonal = sum over negatives only
     e_neg = (F.softplus(s).sum() - F.softplus(pos).sum()) / (n * (n - 1) * k)
@@ -922,8 +914,9 @@ def infonce_bound(scores):
     log((N-1)*K + 1) (log N for global scores)."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)  # (N, K)
-    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
+    positive = torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
+    neg = s.masked_fill(positive, float("-inf"))
     lse_neg = torch.logsumexp(neg.flatten(1), dim=1)  # (N,) over all negatives of n
     return (pos - torch.logaddexp(pos, lse_neg[:, None])).mean() + math.log((n - 1) * k + 1)
 
@@ -933,8 +926,9 @@ def dv_bound(scores):
     stably as logsumexp minus log(count)."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)
-    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
+    positive = torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
+    neg = s.masked_fill(positive, float("-inf"))
     return pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(n * (n - 1) * k))
 
 
@@ -1117,6 +1111,26 @@ def convert_sync_bn(modules, enabled, world, device):
             nn.SyncBatchNorm.convert_sync_batchnorm(m)
 
 
+class _Function(nn.Module):
+    def __init__(self, fn, modules, others):
+        super().__init__()
+        self.fn, self.nets, self.others = fn, nn.ModuleDict(modules), others
+
+    def forward(self, *args, **kwargs):
+        return self.fn({**self.nets, **self.others}, *args, **kwargs)
+
+
+def ddp_function(fn, modules, device, others=None):
+    """`fn(nets, *args)` with nets = `modules` and `others` (dicts of networks): fn itself in
+    one process; under torchrun the forward of one DistributedDataParallel module holding
+    `modules` (`others` are passed, not held: another module's, or frozen), so DDP sees one
+    forward and one backward per step however often fn uses each network."""
+    others = dict(others or {})
+    if _dist() is None:
+        return functools.partial(fn, {**modules, **others})
+    return wrap_ddp(_Function(fn, modules, others), device)
+
+
 def wrap_ddp(module, device):
     """DistributedDataParallel when running under torchrun, the module itself otherwise."""
     if _dist() is None or module is None:
@@ -1152,8 +1166,9 @@ class Run:
     nothing behind; resuming reuses the checkpoint's folder.
     """
 
-    def __init__(self, script, args, resume_dir=None):
+    def __init__(self, script, args, resume_dir=None, elapsed=0.0):
         self.script, self.main = script, is_main_process()
+        self.t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
         self.tensorboard = None
         if not self.main:  # other ranks write nothing; their path() is never used for writing
             self.dir, self.metrics_path = resume_dir or args.out_dir, None
@@ -1183,6 +1198,20 @@ class Run:
 
     def path(self, name):
         return os.path.join(self.dir, name)
+
+    def elapsed(self):
+        """Seconds trained, a resumed run's included."""
+        return time.time() - self.t0
+
+    def plot(self, monitor_keys, baselines=None):
+        """curves.png from metrics.jsonl (plot_curves); the main process only."""
+        if self.main:
+            plot_curves(self.metrics_path, self.path("curves.png"), monitor_keys, baselines)
+
+    def checkpoint(self, **state):
+        """checkpoint.pt of the run (save_checkpoint's arguments but path, script, elapsed)."""
+        save_checkpoint(self.path("checkpoint.pt"), script=self.script, elapsed=self.elapsed(),
+                        **state)
 
     def remove_if_unfinished(self):
         """At exit: a new run that failed before its first checkpoint leaves no folder."""
@@ -1275,7 +1304,7 @@ def atomic_write_text(path, text):
 
 
 def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, step,
-                    modules=None, optimizers=None, extra=None, generators=None, elapsed=0.0):
+                    modules=None, optimizers=None, extra=None, rngs=None, elapsed=0.0):
     """Write a checkpoint that loads with weights_only=True (plain types only), atomically.
 
     `encoder` must be the plain module (not the torch.compile or DDP wrapper), so keys carry
@@ -1297,7 +1326,7 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
         "modules": {k: m.state_dict() for k, m in (modules or {}).items()},
         "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
         "extra": _plain(extra or {}),
-        "rng": rng_state(generators),  # so that --resume continues the same random draws
+        "rng": rng_state(rngs),  # so that --resume continues the same random draws
         "time": float(elapsed),
     }
     nonfinite = [f"{part}.{k}" for part, sd in [("encoder", state["encoder"]), *state["modules"].items()]
@@ -1353,7 +1382,7 @@ def encoder_from_checkpoint(ckpt, encoders=ENCODERS):
     return encoder
 
 
-def resume_state(args, script, modules, optimizers, generators=None):
+def resume_state(args, script, modules, optimizers, rngs=None):
     """If --resume is set: load every module and optimizer and the random streams, return
     (run_dir, epoch, step, seconds trained so far)."""
     if not args.resume:
@@ -1378,7 +1407,7 @@ def resume_state(args, script, modules, optimizers, generators=None):
                             f"step {newest_step}; resume that one, or move {args.resume} into a "
                             "folder of its own to branch off from it")
     if "rng" in ckpt and _dist() is None:  # under torchrun each rank keeps its own streams
-        set_rng_state(ckpt["rng"], generators)
+        set_rng_state(ckpt["rng"], rngs)
     if is_main_process():
         for name in os.listdir(run_dir):  # what a killed writer left (older versions: tmp*.tmp)
             if name.endswith(".tmp") and name.startswith((".", "tmp")):
@@ -1434,7 +1463,7 @@ def merge_resume_args(parser, argv, args, safe=RESUME_SAFE, renamed=None):
     return merged
 
 
-def rng_state(generators=None):
+def rng_state(rngs=None):
     """Every random stream a run draws from, as tensors and lists (weights_only loads them)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -1442,10 +1471,10 @@ def rng_state(generators=None):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [py_state[0], list(py_state[1]), py_state[2]],
-            "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
+            "generators": {k: g.get_state() for k, g in (rngs or {}).items()}}
 
 
-def set_rng_state(state, generators=None):
+def set_rng_state(state, rngs=None):
     """Put back what rng_state saved, so a resumed run draws what the uninterrupted one would."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -1454,7 +1483,7 @@ def set_rng_state(state, generators=None):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    for k, g in (generators or {}).items():
+    for k, g in (rngs or {}).items():
         g.set_state(state["generators"][k])
 
 
@@ -1631,6 +1660,49 @@ def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500, rule="weig
     if rule == "uniform":
         return knn_accuracy(*(t.cpu().numpy() for t in (*feats["train"], *feats["test"])), k)
     return weighted_knn_accuracy(*feats["train"], *feats["test"], k, temperature, device)
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop's bookkeeping, the same in every script
+# ----------------------------------------------------------------------------------------
+def start(args):
+    """Join torchrun's processes (if any), set the matmul precision and seed everything:
+    (device, rank, world size)."""
+    device, rank, world = init_distributed(args.device)
+    set_precision(device, args.deterministic)
+    seed_everything(args.seed)
+    return device, rank, world
+
+
+def epoch_batches(data, args, index, desc, rank=0, world=1):
+    """The RNG of epoch `index` (seeded by it: the same order after --resume) and a progress
+    bar over the epoch's shuffled batches of this process (--batch-size is the global batch);
+    the RNG also draws the step's augmentations."""
+    rng = torch.Generator().manual_seed(args.seed * 100003 + index)
+    per_rank = args.batch_size // world
+    batches = data.batches("train", per_rank, shuffle=True, rng=rng, drop_last=True, rank=rank,
+                           world_size=world)
+    return rng, progress(batches, total=data.n_batches("train", per_rank, drop_last=True,
+                                                      world_size=world),
+                         desc=desc, disable=args.no_progress or rank > 0)
+
+
+def add_step(sums, logs):
+    """Add one step's logged scalars (tensors) to running sums; sums["n"] counts the steps."""
+    sums["n"] = sums.get("n", 0) + 1
+    for k, v in logs.items():
+        sums[k] = sums.get(k, 0.0) + v.item()
+
+
+def means(sums):
+    """Each logged scalar's mean over the steps add_step has counted."""
+    return {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def eval_due(every, epoch, last):

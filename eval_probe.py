@@ -129,16 +129,16 @@ def mlp_probe(train_x, train_y, test_x, test_y, n_classes, hidden, dropout, epoc
     return float((pred == test_y).mean())
 
 
-def shuffled_pairs(n, generator=None, device="cpu"):
+def shuffled_pairs(n, rng=None, device="cpu"):
     """Indices (i, j), i != j everywhere: x_i paired with y_j is a draw from the product of
     the marginals (a random permutation against itself shifted by one)."""
-    perm = torch.randperm(n, generator=generator).to(device)
+    perm = torch.randperm(n, generator=rng).to(device)
     return perm, perm.roll(1)
 
 
-def shuffle_columns(f, generator=None):
+def shuffle_columns(f, rng=None):
     """Every column of f permuted independently across the rows: same marginals, no dependence."""
-    order = torch.rand(f.shape, generator=generator).to(f.device).argsort(0)
+    order = torch.rand(f.shape, generator=rng).to(f.device).argsort(0)
     return f.gather(0, order)
 
 
@@ -436,25 +436,25 @@ def evaluate(args):
     taps = [t for t in args.taps if t in available]
     if not taps:
         raise UserError(f"none of the taps {args.taps} exist; this encoder has {', '.join(available)}")
-    train_f, train_y = common.extract_features(encoder, data, "train", taps, device=device)
-    test_f, test_y = common.extract_features(encoder, data, "test", taps, device=device)
+    train_f, train_labels = common.extract_features(encoder, data, "train", taps, device=device)
+    test_f, test_labels = common.extract_features(encoder, data, "test", taps, device=device)
 
     rows = []
     for tap in taps:
         row = {"tap": tap, "dim": train_f[tap].shape[1]}
         tx, vx = train_f[tap], test_f[tap]
         if "linear" in args.probes:
-            row["linear"] = common.linear_probe(tx, train_y, vx, test_y)
+            row["linear"] = common.linear_probe(tx, train_labels, vx, test_labels)
         if "mlp" in args.probes:
-            row["mlp"] = mlp_probe(tx, train_y, vx, test_y, data.n_classes, args.mlp_hidden,
+            row["mlp"] = mlp_probe(tx, train_labels, vx, test_labels, data.n_classes, args.mlp_hidden,
                                    args.dropout, args.mlp_epochs, device, args.seed)
         if "knn" in args.probes and args.knn_rule == "uniform":
-            row["knn"] = common.knn_accuracy(tx, train_y, vx, test_y, args.knn_k)
+            row["knn"] = common.knn_accuracy(tx, train_labels, vx, test_labels, args.knn_k)
         elif "knn" in args.probes:
-            row["knn"] = common.weighted_knn_accuracy(tx, train_y, vx, test_y, args.knn_k,
+            row["knn"] = common.weighted_knn_accuracy(tx, train_labels, vx, test_labels, args.knn_k,
                                                       args.knn_temperature, device)
         if "kmeans" in args.probes:
-            row["kmeans"] = common.kmeans_accuracy(vx, test_y, data.n_classes, args.seed)
+            row["kmeans"] = common.kmeans_accuracy(vx, test_labels, data.n_classes, args.seed)
         rows.append(row)
     extra = measures(args, encoder, data, device, output_suffix(args, dataset, ckpt))
     for k, v in encoder.state_dict().items():  # frozen means frozen, BatchNorm buffers included

@@ -49,7 +49,8 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X. The
   dot critic embeds 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
 - Evaluation: an MLP probe (scikit-learn's, one 200-unit hidden layer; `--probes linear`, or
-  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
+  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background
+  and foreground.
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
@@ -57,7 +58,6 @@ import argparse
 from dataclasses import dataclass
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from common import UserError
 
 SCRIPT = "shared_exclusive"
 NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
+CODE = "y"  # the encoders' output tap that holds the code (S or Z), DIM's global feature
 REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_digit ...)
 # the encoder behind each --shared-norm / --exclusive-norm
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
@@ -205,7 +206,7 @@ PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0]
                         [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
 
 
-def same_class_partners(labels, generator):
+def same_class_partners(labels, rng):
     """For every image, a different image of the same class (uniformly among them)."""
     partner = torch.empty_like(labels)
     for c in labels.unique():
@@ -213,13 +214,13 @@ def same_class_partners(labels, generator):
         if len(idx) < 2:
             raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
         # a random cyclic shift of a random order: every image gets another image of its class
-        order = idx[torch.randperm(len(idx), generator=generator)]
-        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
+        order = idx[torch.randperm(len(idx), generator=rng)]
+        shift = int(torch.randint(1, len(idx), (1,), generator=rng))
         partner[order] = order.roll(shift)
     return partner
 
 
-def colorize_pairs(gray, labels, pairing="same-image", generator=None):
+def colorize_pairs(gray, labels, pairing="same-image", rng=None):
     """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
 
     X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
@@ -230,9 +231,9 @@ def colorize_pairs(gray, labels, pairing="same-image", generator=None):
     if pairing not in PAIRINGS:
         raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
     n = len(gray)
-    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
+    bg = torch.randint(0, len(PALETTE), (n,), generator=rng)
+    fg = torch.randint(0, len(PALETTE), (n,), generator=rng)
+    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, rng)
     g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
     g_y = g_x[partner]
     bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
@@ -266,14 +267,14 @@ class PairData:
         self.device = device
         return self
 
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+    def batches(self, split, batch_size, shuffle=False, rng=None, drop_last=False,
                 rank=0, world_size=1):
         """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
         Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
         x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
                      (self.test_x, self.test_y, self.test_labels))
         device = self.device or x.device
-        for idx in common.batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+        for idx in common.batch_indices(len(x), batch_size, shuffle, rng, drop_last, rank,
                                  world_size, x.device):
             xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
             yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
@@ -299,9 +300,9 @@ def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="sam
     if name not in PAIR_SOURCES:
         raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
     gray = common.load_data(PAIR_SOURCES[name], root, torch.device("cpu"), image_size)  # offline error comes from here
-    gen = torch.Generator().manual_seed(seed)
-    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
-    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
+    rng = torch.Generator().manual_seed(seed)
+    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, rng)
+    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, rng)
     data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
     nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
     if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
@@ -416,21 +417,21 @@ class SZDiscriminator(nn.Module):
         return self.net(torch.cat([s, z], 1).float()).squeeze(-1)
 
 
-def shuffle_across_batch(z, generator=None):
+def shuffle_across_batch(z, rng=None):
     """Z rows moved along a random cycle: row i gets the Z of another sample, never its own,
     so (S, shuffled Z) is a draw from the product of marginals with no pair left intact."""
     n = z.shape[0]
-    order = torch.randperm(n, generator=generator).to(z.device)
+    order = torch.randperm(n, generator=rng).to(z.device)
     perm = torch.empty_like(order)
     perm[order] = order.roll(1)
     return z[perm]
 
 
-def sz_disc_loss(disc, s, z, generator=None):
+def sz_disc_loss(disc, s, z, rng=None):
     """Discriminator side: joint (S, Z) is labelled 1, shuffled 0 (encoders detached)."""
     s, z = s.detach(), z.detach()
     return (F.softplus(-disc(s, z)).mean()
-            + F.softplus(disc(s, shuffle_across_batch(z, generator))).mean())
+            + F.softplus(disc(s, shuffle_across_batch(z, rng))).mean())
 
 
 def sz_encoder_loss(disc, s, z):
@@ -475,8 +476,8 @@ def build_networks(args, image_shape, device):
     shared_cfg = common.encoder_config(NORM_ARCH[args.shared_norm], image_shape, args.shared_dim, ENCODERS)
     excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim,
                                      ENCODERS)
-    enc = {f"shared_{d}": common.build_encoder(shared_cfg, ENCODERS) for d in "xy"}
-    shapes = common.tap_shapes(enc["shared_x"], image_shape)
+    encoders = {f"shared_{d}": common.build_encoder(shared_cfg, ENCODERS) for d in "xy"}
+    shapes = common.tap_shapes(encoders["shared_x"], image_shape)
     conv_dim = math.prod(shapes["conv"])
 
     def local_critic(dim, layer):
@@ -491,24 +492,24 @@ def build_networks(args, image_shape, device):
         critics[f"shared_global_critic_{d}"] = common.GlobalCritic(conv_dim, args.shared_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1_000_003)
-        enc.update({f"exclusive_{d}": common.build_encoder(excl_cfg, ENCODERS) for d in "xy"})
+        encoders.update({f"exclusive_{d}": common.build_encoder(excl_cfg, ENCODERS) for d in "xy"})
         for d in "xy":
             critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim, args.exclusive_local_layer)
             critics[f"exclusive_global_critic_{d}"] = common.GlobalCritic(conv_dim, r_dim)
             critics[f"sz_disc_{d}"] = SZDiscriminator(r_dim)
-    for m in (*enc.values(), *critics.values()):
+    for m in (*encoders.values(), *critics.values()):
         m.to(device)
-    return enc, critics, {"shared": shared_cfg, "exclusive": excl_cfg}
+    return encoders, critics, {"shared": shared_cfg, "exclusive": excl_cfg}
 
 
-def shared_step(x, y, enc, critics, bound, args, gather=None):
+def shared_step(img_x, img_y, encoders, critics, bound, args, gather=None):
     """Stage 1 loss: cross MI (local and global, both directions) and the L1 term.
     `gather` (common.gather_batch under torchrun) draws the critics' negatives from every
     process's batch."""
-    out_x, out_y = enc["shared_x"](x), enc["shared_y"](y)
-    s_x, s_y = out_x["y"], out_y["y"]  # (N, shared_dim): S_X, S_Y
+    out_x, out_y = encoders["shared_x"](img_x), encoders["shared_y"](img_y)
+    s_x, s_y = out_x[CODE], out_y[CODE]  # (N, shared_dim): S_X, S_Y
     logs = {}
-    loss = torch.zeros((), device=x.device)
+    loss = torch.zeros((), device=img_x.device)
     for d, out, s_other in (("x", out_x, s_y), ("y", out_y, s_x)):
         if args.shared_local > 0:  # I(C(X); S_Y): (N, N, M*M) scores, positives on n == m
             critic = critics[f"shared_local_critic_{d}"]
@@ -523,17 +524,17 @@ def shared_step(x, y, enc, critics, bound, args, gather=None):
     return loss, logs, {}
 
 
-def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
+def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, memory=None):
     """Stage 2 loss: MI of R = (S, Z) with the image, and the penalties on (S, Z).
     Returns the (S, Z) of each domain for the discriminator's own step. `memory` ({domain:
     [(S, Z) of recent batches]}, updated here) widens the HSIC term beyond one batch."""
     logs, sz = {}, {}
-    loss = torch.zeros((), device=x.device)
-    for d, img in (("x", x), ("y", y)):
+    loss = torch.zeros((), device=img_x.device)
+    for d, img in (("x", img_x), ("y", img_y)):
         with torch.no_grad():  # frozen shared encoder (kept in eval mode by the caller)
-            s = enc[f"shared_{d}"](img)["y"]
-        out = enc[f"exclusive_{d}"](img)
-        z = out["y"]  # (N, exclusive_dim)
+            s = encoders[f"shared_{d}"](img)[CODE]
+        out = encoders[f"exclusive_{d}"](img)
+        z = out[CODE]  # (N, exclusive_dim)
         r = torch.cat([s, z], 1)  # R = (S, Z)
         if args.exclusive_local > 0:
             critic = critics[f"exclusive_local_critic_{d}"]
@@ -562,14 +563,14 @@ def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
 # ----------------------------------------------------------------------------------------
 # Evaluation: classifiers on frozen S and Z, nearest neighbours
 # ----------------------------------------------------------------------------------------
-def representations(enc, pair, device, stages_done):
+def representations(encoders, pair, device, stages_done):
     """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y."""
     reps = {}
     for rep in REPS:
         if rep[0] == "Z" and 2 not in stages_done:
             continue
         d = rep[1].lower()
-        encoder = enc[("shared_" if rep[0] == "S" else "exclusive_") + d]
+        encoder = encoders[("shared_" if rep[0] == "S" else "exclusive_") + d]
         data = pair.domain(d)
         tr, _ = common.extract_features(encoder, data, "train", ("y",), device=device)
         te, _ = common.extract_features(encoder, data, "test", ("y",), device=device)
@@ -624,7 +625,7 @@ def evaluate(reps, pair, probes, seed):
     return metrics, tables
 
 
-def knn_monitor(enc, pair, device, parts, rule="weighted"):
+def knn_monitor(encoders, pair, device, parts, rule="weighted"):
     """The per-epoch monitor: k-NN test accuracy (by `rule`, common.knn_monitor's) of S on the
     digit and of Z on its domain's colour (X's background, Y's foreground), for the encoders
     of `parts`."""
@@ -633,7 +634,7 @@ def knn_monitor(enc, pair, device, parts, rule="weighted"):
         for d, colour in (("x", "background"), ("y", "foreground")):
             label = "digit" if part == "shared" else colour
             accs[f"knn_{rep}{d.upper()}_{label}"] = common.knn_monitor(
-                enc[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
+                encoders[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
     return accs
 
 
@@ -660,7 +661,7 @@ def save_neighbours(reps, pair, path, n_queries, k=8):
 # ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
-def load_shared(path, enc, args):
+def load_shared(path, encoders, args):
     """Stage 2 alone: take both shared encoders from a run that did stage 1."""
     ckpt = common.load_checkpoint(path)
     extra = ckpt.get("extra", {})
@@ -670,8 +671,8 @@ def load_shared(path, enc, args):
         raise UserError(f"{path} was trained on {ckpt['dataset']} ({extra.get('pairing')}); pass "
                         f"the same --dataset and --pairing to stage 2")
     try:
-        enc["shared_x"].load_state_dict(ckpt["encoder"])
-        enc["shared_y"].load_state_dict(ckpt["modules"]["shared_y"])
+        encoders["shared_x"].load_state_dict(ckpt["encoder"])
+        encoders["shared_y"].load_state_dict(ckpt["modules"]["shared_y"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path} does not match these flags ({str(e).splitlines()[0][:120]}); "
                         "use the --shared-dim and --shared-norm of the stage 1 run") from None
@@ -685,37 +686,36 @@ def pair_extra(args, domain, part, shared_done):
             "pair_seed": PAIR_DATA_SEED, "shared_epochs_done": shared_done}
 
 
-def save_encoders(run, enc, cfgs, parts, args, pair, epoch, step, shared_done):
+def save_encoders(run, encoders, cfgs, parts, args, pair, epoch, step, shared_done):
     """shared_x.pt, shared_y.pt and/or exclusive_x.pt, exclusive_y.pt in the common format."""
     for part in parts:
         for d in "xy":
-            common.save_checkpoint(run.path(f"{part}_{d}.pt"), script=SCRIPT, encoder=enc[f"{part}_{d}"],
+            common.save_checkpoint(run.path(f"{part}_{d}.pt"), script=SCRIPT, encoder=encoders[f"{part}_{d}"],
                                    encoder_cfg=cfgs[part], args=args, data=pair.domain(d), epoch=epoch,
                                    step=step, extra=pair_extra(args, d, part, shared_done))
 
 
 def train(args):
-    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    common.set_precision(device, args.deterministic)
+    device, rank, world = common.start(args)  # world > 1 under torchrun
+    main_process = rank == 0  # the one that evaluates, logs and writes
     for part, norm, dim in (("shared", args.shared_norm, args.shared_dim),
                             ("exclusive", args.exclusive_norm, args.exclusive_dim)):
         if norm == "whiten" and args.batch_size // world <= dim:
             raise UserError(f"--{part}-norm whiten needs more than --{part}-dim {dim} samples per "
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
-    common.seed_everything(args.seed)
     pair = load_pair_data(args.dataset, args.data_root, device, args.pairing,
-                                 image_size=args.image_size)
+                          image_size=args.image_size)
     if args.n_queries > len(pair.test_x) - 8:  # each query shows its 8 nearest other images
         raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
                         f"images, so at most {len(pair.test_x) - 8} queries")
     common.check_batch(args.batch_size, world, len(pair.train_x))
-    enc, critics, cfgs = build_networks(args, pair.image_shape, device)
+    encoders, critics, cfgs = build_networks(args, pair.image_shape, device)
     # the monitor's baseline: the untrained encoders
-    knn_random_init = (knn_monitor(enc, pair, device, MONITORED[1] + MONITORED[2], args.knn_rule)
-                       if args.eval_every and rank == 0 else {})
-    shared_done = load_shared(args.shared_from, enc, args) if args.shared_from else 0
-    stage1 = [p for k, m in {**enc, **critics}.items() if k.startswith("shared") for p in m.parameters()]
-    stage2 = [p for k, m in {**enc, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
+    knn_random_init = (knn_monitor(encoders, pair, device, MONITORED[1] + MONITORED[2], args.knn_rule)
+                       if args.eval_every and main_process else {})
+    shared_done = load_shared(args.shared_from, encoders, args) if args.shared_from else 0
+    stage1 = [p for k, m in {**encoders, **critics}.items() if k.startswith("shared") for p in m.parameters()]
+    stage2 = [p for k, m in {**encoders, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
     optimizers = {"shared_opt": common.adam(stage1, lr=args.lr),
                   "exclusive_opt": common.adam(stage2, lr=args.lr),
                   "disc_opt": common.adam([p for d in "xy" for p in critics[f"sz_disc_{d}"].parameters()],
@@ -723,7 +723,7 @@ def train(args):
     # the epoch plan: (stage, epoch within the stage); a checkpoint's epoch counts plan entries
     plan = ([(1, e) for e in range(args.epochs)] if args.stage in ("1", "both") else []) + \
            ([(2, e) for e in range(args.exclusive_epochs)] if args.stage in ("2", "both") else [])
-    modules = {"encoder": enc["shared_x"], **{k: m for k, m in enc.items() if k != "shared_x"}, **critics}
+    modules = {"encoder": encoders["shared_x"], **{k: m for k, m in encoders.items() if k != "shared_x"}, **critics}
     run_dir, start, step, elapsed = common.resume_state(args, SCRIPT, modules, optimizers)
     if args.resume:
         shared_done = common.load_checkpoint(args.resume)["extra"].get("shared_epochs_done", 0)
@@ -731,23 +731,21 @@ def train(args):
             raise UserError(f"stage 1 of {args.resume} ended after {shared_done} epochs and stage 2 "
                             f"has begun: resume with --epochs {shared_done} (--exclusive-epochs "
                             "sets stage 2's)")
-    run = common.Run(SCRIPT, args, run_dir)
+    run = common.Run(SCRIPT, args, run_dir, elapsed)
     if args.shared_from and not args.resume:  # the run folder holds every encoder it used
-        save_encoders(run, enc, cfgs, ["shared"], args, pair, 0, 0, shared_done)
+        save_encoders(run, encoders, cfgs, ["shared"], args, pair, 0, 0, shared_done)
     bound = common.BOUNDS[args.loss]
-    common.convert_sync_bn([*enc.values(), *critics.values()], args.sync_bn, world, device)
-    # DDP / compiled views for training; the plain modules are what gets saved. Stage 2 runs
-    # the frozen shared encoders as plain modules (no gradient to synchronise).
-    fwd = {k: common.maybe_compile(common.wrap_ddp(m, device), args.compile)
-           for k, m in {**enc, **critics}.items()}
-    frozen = {**fwd, "shared_x": enc["shared_x"], "shared_y": enc["shared_y"]}
+    common.convert_sync_bn([*encoders.values(), *critics.values()], args.sync_bn, world, device)
+    # the networks as the steps call them (DDP-wrapped, compiled); the plain ones are saved.
+    # Stage 2 runs the frozen shared encoders as plain modules (no gradient to synchronise).
+    step_nets = {k: common.maybe_compile(common.wrap_ddp(m, device), args.compile)
+                 for k, m in {**encoders, **critics}.items()}
+    stage2_nets = {**step_nets, "shared_x": encoders["shared_x"], "shared_y": encoders["shared_y"]}
     gather = common.gather_batch  # negatives from every process's batch (identity on one)
-    per_rank = args.batch_size // world  # --batch-size is the global batch
-    if rank == 0:
+    if main_process:
         print(f"run folder: {run.dir}  device: {device}  data: {pair.name} ({pair.pairing}) "
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
-    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stage_steps = {1: 0, 2: 0}
     hsic_memory = {}  # per domain, this process's recent (S, Z): refilled after a resume
     stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
@@ -757,22 +755,20 @@ def train(args):
         if args.max_steps and stage_steps[stage] >= args.max_steps:
             continue
         for d in "xy":  # stage 2 keeps the shared encoders frozen, BatchNorm statistics included
-            enc[f"shared_{d}"].train(stage == 1).requires_grad_(stage == 1)
-            enc[f"exclusive_{d}"].train(stage == 2)
+            encoders[f"shared_{d}"].train(stage == 1).requires_grad_(stage == 1)
+            encoders[f"exclusive_{d}"].train(stage == 2)
         opt = optimizers["shared_opt" if stage == 1 else "exclusive_opt"]
-        gen = torch.Generator().manual_seed(args.seed * 100003 + i)  # same order on resume
-        sums, n_steps = {}, 0
-        bar = common.progress(pair.batches("train", per_rank, shuffle=True, generator=gen,
-                                           drop_last=True, rank=rank, world_size=world),
-                              total=pair.n_batches("train", per_rank, drop_last=True, world_size=world),
-                              desc=f"stage {stage} epoch {epoch + 1}/{n_epochs}",
-                              disable=args.no_progress or rank > 0)
-        for x, y, _ in bar:
+        rng, bar = common.epoch_batches(pair, args, i, f"stage {stage} epoch {epoch + 1}/{n_epochs}",
+                                        rank, world)
+        sums = {}
+        for img_x, img_y, _ in bar:
             with common.autocast(device, args.amp):
                 if stage == 1:
-                    loss, logs, sz = shared_step(x, y, fwd, fwd, bound, args, gather)
+                    loss, logs, sz = shared_step(img_x, img_y, step_nets, step_nets, bound, args,
+                                                 gather)
                 else:
-                    loss, logs, sz = exclusive_step(x, y, frozen, fwd, bound, args, gather, hsic_memory)
+                    loss, logs, sz = exclusive_step(img_x, img_y, stage2_nets, step_nets, bound,
+                                                    args, gather, hsic_memory)
             common.check_finite(loss, step, "loss", NAN_HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -780,55 +776,53 @@ def train(args):
             # the S-Z discriminator's own steps; Z is shuffled within each process's batch (a
             # product-of-marginals sample needs no other process's rows)
             for _ in range(args.disc_steps if stage == 2 and args.adversarial > 0 else 0):
-                d_loss = sum(sz_disc_loss(fwd[f"sz_disc_{d}"], *sz[d], gen) for d in "xy")
+                d_loss = sum(sz_disc_loss(step_nets[f"sz_disc_{d}"], *sz[d], rng) for d in "xy")
                 optimizers["disc_opt"].zero_grad(set_to_none=True)
                 d_loss.backward()
                 optimizers["disc_opt"].step()
                 logs["sz_disc"] = d_loss
             step += 1
             stage_steps[stage] += 1
-            n_steps += 1
+
             logs["loss"] = loss
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            common.add_step(sums, logs)
             bar.set_postfix(loss=f"{loss.item():.3f}", mi=f"{logs.get('local_mi_x', loss).item():.3f}",
                             **shown)
             if args.max_steps and stage_steps[stage] >= args.max_steps:
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        stats = common.means(sums)
         if stage == 1:
             shared_done = epoch + 1
         last = epoch + 1 == n_epochs or bool(args.max_steps and stage_steps[stage] >= args.max_steps)
-        if rank == 0 and common.eval_due(args.eval_every, epoch, last):
-            monitor = knn_monitor(enc, pair, device, MONITORED[stage], args.knn_rule)
+        due = common.eval_due(args.eval_every, epoch, last)
+        if main_process and due:
+            monitor = knn_monitor(encoders, pair, device, MONITORED[stage], args.knn_rule)
             stats.update(monitor)
             watched.update(monitor)
             shown = {k.split("_")[1]: f"{v:.2f}" for k, v in monitor.items()}  # SX=0.95 ...
-        run.log(stage=stage, epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
-            common.plot_curves(run.metrics_path, run.path("curves.png"), list(knn_random_init),
-                               knn_random_init)
-        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=enc["shared_x"],
-                               encoder_cfg=cfgs["shared"], args=args, data=pair.domain("x"),
-                               epoch=i + 1, step=step, modules={k: m for k, m in modules.items() if k != "encoder"},
-                               optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done),
-                               elapsed=time.time() - t0)
+        run.log(stage=stage, epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
+        if due or last:
+            run.plot(list(knn_random_init), knn_random_init)
+        run.checkpoint(encoder=encoders["shared_x"], encoder_cfg=cfgs["shared"], args=args,
+                       data=pair.domain("x"), epoch=i + 1, step=step,
+                       modules={k: m for k, m in modules.items() if k != "encoder"},
+                       optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done))
         # this stage's encoders, one checkpoint each: shared_*.pt stop changing after stage 1
-        save_encoders(run, enc, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
+        save_encoders(run, encoders, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
                       i + 1, step, shared_done)
 
-    common.finish_distributed()  # the rest is rank 0's alone
-    if rank > 0:
+    common.finish_distributed()  # the rest is the main process's alone
+    if not main_process:
         return run, {}
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
-    reps = representations(enc, pair, device, stages_done)
+    reps = representations(encoders, pair, device, stages_done)
     metrics, tables = evaluate(reps, pair, args.probes, args.seed)
     run.log(step=step, probe=",".join(args.probes), **metrics,
             **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)
     for probe, rows in tables:
         common.print_table(rows, title=f"\n{probe} probe test accuracy on {pair.name} ({pair.pairing}), "
-                                       f"{step} steps, {(time.time() - t0) / 60:.1f} min "
+                                       f"{step} steps, {run.elapsed() / 60:.1f} min "
                                        f"(chance: digit 0.10, colours {1 / len(PALETTE):.3f})")
     if watched:
         common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}

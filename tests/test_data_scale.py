@@ -88,7 +88,7 @@ def test_batches_come_on_the_training_device_while_the_data_stay_on_the_cpu():
     meta = torch.device("meta")
     data = common.load_data("digits", device=meta, max_device_bytes=0)
     assert data.train_x.device.type == "cpu" and data.device == meta
-    batches = list(data.batches("train", 500, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    batches = list(data.batches("train", 500, shuffle=True, rng=torch.Generator().manual_seed(0)))
     assert [x.device for x, _ in batches] == [meta] * 3 and [y.device for _, y in batches] == [meta] * 3
     assert batches[0][0].shape == (500, 1, 32, 32) and batches[0][0].dtype == torch.float32
     assert common.load_data("digits", device=meta).train_x.device == meta  # under the limit: moved
@@ -149,7 +149,7 @@ def test_pair_batches_come_on_the_training_device_while_the_pairs_stay_on_the_cp
     meta = torch.device("meta")
     pair = shared_exclusive.load_pair_data("colorful-digits", device=meta, max_device_bytes=0)
     assert pair.train_x.device.type == "cpu" and pair.device == meta
-    x, y, labels = next(pair.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    x, y, labels = next(pair.batches("train", 64, shuffle=True, rng=torch.Generator().manual_seed(0)))
     assert x.device == y.device == labels.device == meta and x.shape == (64, 3, 32, 32)
     assert pair.domain("x").device == meta
     assert shared_exclusive.load_pair_data("colorful-digits", device=meta).train_x.device == meta

@@ -15,7 +15,7 @@ import infogan
 def test_info_loss_is_lower_when_q_recovers_the_codes():
     g = torch.Generator().manual_seed(0)
     codes = infogan.Codes(noise_dim=4, n_cat=2, cat_dim=10, n_cont=3)
-    _, cat, cont = codes.sample(256, "cpu", generator=g)
+    _, cat, cont = codes.sample(256, "cpu", rng=g)
     right_logits = 5 * F.one_hot(cat, 10).float()  # (N, 2, 10) peaked on the true category
     wrong_logits = 5 * F.one_hot((cat + 3) % 10, 10).float()
     logvar = torch.full_like(cont, -2.0)
@@ -122,7 +122,7 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     q_head.load_state_dict(ckpt["modules"]["q_head"])
     gen.eval()
     g = torch.Generator().manual_seed(123)
-    z, cat, cont = codes.sample(2000, "cpu", generator=g)
+    z, cat, cont = codes.sample(2000, "cpu", rng=g)
     with torch.no_grad():
         logits, mu, _ = q_head(encoder(gen(codes.gen_input(z, cat, cont)))["y"])
     cat_acc = (logits.argmax(-1) == cat).float().mean().item()
@@ -245,7 +245,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     def information():
         with torch.no_grad():
             real = q_head(enc(x)["y"])[0]
-            warp = q_head(enc(common.random_affine(x, generator=torch.Generator().manual_seed(5)))["y"])[0]
+            warp = q_head(enc(common.random_affine(x, rng=torch.Generator().manual_seed(5)))["y"])[0]
         return ([float(common.cluster_information(real[:, i], warp[:, i])) for i in range(2)],
                 [len(real[:, i].argmax(1).unique()) for i in range(2)])
     before, _ = information()
@@ -253,7 +253,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     g = torch.Generator().manual_seed(1)
     for _ in range(60):
         xb = x[torch.randint(0, len(x), (64,), generator=g)]
-        logits = q_head(enc(torch.cat([xb, common.random_affine(xb, generator=g)]))["y"])[0]
+        logits = q_head(enc(torch.cat([xb, common.random_affine(xb, rng=g)]))["y"])[0]
         opt.zero_grad()
         infogan.clustering_loss(logits[:64], logits[64:], balance=2.0).backward()
         opt.step()
