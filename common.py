@@ -1,4 +1,4 @@
-"""What the scripts share, by topic: command line and device, data (and image pairs), encoders,
+"""What the scripts share, by topic: command line and device, data, encoders,
 MI bounds and critics, multi-GPU, runs and checkpoints, metrics.
 
 Only infrastructure and pieces used by two or more scripts live here; each paper's own
@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import datetime
 import errno
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -355,7 +357,7 @@ class Data:
     def split(self, split):
         return (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
 
-    def preprocess(self, x, train, generator=None):
+    def preprocess(self, x, train, rng=None):
         """uint8 batch -> float in [-1, 1], with augmentation done on the batch's device."""
         x = x.float().div_(127.5).sub_(1.0)
         if not self.crop:
@@ -366,60 +368,59 @@ class Data:
             top, left = (h - c) // 2, (w - c) // 2
             return x[:, :, top:top + c, left:left + c]
         # random crop per image via unfold-free gather: build index grids on the device
-        tops = torch.randint(0, h - c + 1, (n,), generator=generator).to(x.device)
-        lefts = torch.randint(0, w - c + 1, (n,), generator=generator).to(x.device)
+        tops = torch.randint(0, h - c + 1, (n,), generator=rng).to(x.device)
+        lefts = torch.randint(0, w - c + 1, (n,), generator=rng).to(x.device)
         ar = torch.arange(c, device=x.device)
         rows = (tops[:, None] + ar)[:, None, :, None].expand(n, x.shape[1], c, w)
         x = x.gather(2, rows)
         cols = (lefts[:, None] + ar)[:, None, None, :].expand(n, x.shape[1], c, c)
         x = x.gather(3, cols)
-        flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+        flip = torch.rand(n, generator=rng).to(x.device) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
+    def batches(self, split, batch_size, shuffle=False, rng=None, drop_last=False,
                 rank=0, world_size=1):
         """Yield (float images, labels) on `self.device` (augmented there); no DataLoader."""
         x, y = self.split(split)
         device = self.device or x.device
-        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
+        for idx in batch_indices(len(x), batch_size, shuffle, rng, drop_last, rank,
                                  world_size, x.device):
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            yield self.preprocess(xb, train=(split == "train"), generator=generator), yb
+            yield self.preprocess(xb, train=(split == "train"), rng=rng), yb
 
     def n_batches(self, split, batch_size, drop_last=False, world_size=1):
         return count_batches(len(self.split(split)[0]), batch_size, drop_last, world_size)
 
 
-def random_shift(x, max_shift, generator=None):
+def random_shift(x, max_shift, rng=None):
     """Each image of a [-1, 1] batch translated by its own (dy, dx) in [-max_shift, max_shift],
     the uncovered border filled with -1 (black); x itself when max_shift is 0."""
     if max_shift == 0:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(x.device)
+    tops, lefts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=rng).to(x.device)
     rows = (tops + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
     cols = (lefts + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
 
 
 def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.0,
-                  flip=0.0, generator=None):
+                  flip=0.0, rng=None):
     """Each image warped by its own random rotation (up to max_rotate degrees either way),
     scaling of its width and of its height (each by 1 +- max_scale), shift (up to max_shift
     of the half-width, 1.6 pixels of 32) and, where max_shear > 0, horizontal shear (x moved
     by up to max_shear times y, a change of slant); what enters the frame is background, -1
     (images in [-1, 1]). A digit keeps its class under such a warp, not its pose or its
     proportions: a 1 that leans or is wide stays a 1. With probability `flip` an image is
-    also mirrored left to right. Draws from `generator` (a CPU one) where given, else from
-    the global generator on x's device (the shear's and the flip's draws come last, and only
-    where they are on, so warps without them are what they were)."""
+    also mirrored left to right. Draws from `rng` (a CPU torch.Generator) where given, else from
+    the global generator on x's device."""
     n = len(x)
 
     def uniform(*shape):  # in [-1, 1)
-        if generator is None:
+        if rng is None:
             return torch.rand(*shape, device=x.device) * 2 - 1
-        return (torch.rand(*shape, generator=generator) * 2 - 1).to(x.device)
+        return (torch.rand(*shape, generator=rng) * 2 - 1).to(x.device)
 
     angle = uniform(n) * max_rotate * torch.pi / 180
     scale = 1 + uniform(n, 2) * max_scale  # width, height apart
@@ -439,21 +440,21 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 
 
-def random_jitter(x, strength, generator=None):
+def random_jitter(x, strength, rng=None):
     """Each image of a [-1, 1] batch with its own contrast (times 1 +- strength) and
     brightness (+- strength/2 of the range) change, clipped to the range; x itself when
-    strength is 0. Draws from `generator` (a CPU one) where given."""
+    strength is 0. Draws from `rng` (a CPU torch.Generator) where given."""
     if strength == 0:
         return x
     n = len(x)
-    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device)
+    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=rng) * 2 - 1) * strength).to(x.device)
     return ((x + 1) / 2 * (1 + contrast) + brightness / 2).clamp(0, 1) * 2 - 1
 
 
-def batch_indices(n, batch_size, shuffle, generator, drop_last, rank, world_size, device):
+def batch_indices(n, batch_size, shuffle, rng, drop_last, rank, world_size, device):
     """Index tensors of one pass over n examples. Under torchrun every rank draws the same
-    order (same generator seed) and takes its own slice, so all see the same number of batches."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order (same seed of `rng`) and takes its own slice, so all see the same number of batches."""
+    order = torch.randperm(n, generator=rng) if shuffle else torch.arange(n)
     if world_size > 1:
         per_rank = n // world_size
         order = order[rank * per_rank:(rank + 1) * per_rank]
@@ -635,150 +636,19 @@ def load_data(name, root="./data", device=torch.device("cpu"), image_size=None,
     return data
 
 
-def instance_noise(images, sigma, generator=None):
+def instance_noise(images, sigma, rng=None):
     """images + N(0, sigma^2) instance noise (Sonderby et al. 2016), the images themselves when
-    sigma is 0. With a `generator` the noise is drawn on the CPU from it (reproducible per
+    sigma is 0. With an `rng` the noise is drawn on the CPU from it (reproducible per
     rank), else from the images' device's default generator."""
     if sigma == 0:
         return images
-    if generator is None:
+    if rng is None:
         return images + sigma * torch.randn_like(images)
-    return images + sigma * torch.randn(images.shape, generator=generator).to(images.device)
+    return images + sigma * torch.randn(images.shape, generator=rng).to(images.device)
 
 
 # ----------------------------------------------------------------------------------------
-# Pair data (shared_exclusive.py, and eval_probe.py on its encoders): colourful digits
-# ----------------------------------------------------------------------------------------
-# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
-# same construction on the bundled digits. X = white digit on a coloured background, Y = the
-# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
-PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
-PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
-PAIRINGS = ["same-image", "same-class"]
-PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
-PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
-# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
-# orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
-PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
-                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
-                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
-
-
-def same_class_partners(labels, generator):
-    """For every image, a different image of the same class (uniformly among them)."""
-    partner = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        if len(idx) < 2:
-            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
-        # a random cyclic shift of a random order: every image gets another image of its class
-        order = idx[torch.randperm(len(idx), generator=generator)]
-        shift = int(torch.randint(1, len(idx), (1,), generator=generator))
-        partner[order] = order.roll(shift)
-    return partner
-
-
-def colorize_pairs(gray, labels, pairing="same-image", generator=None):
-    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
-
-    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
-    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
-       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
-    Labels (N, 3): digit, background colour index, foreground colour index.
-    """
-    if pairing not in PAIRINGS:
-        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
-    n = len(gray)
-    bg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    fg = torch.randint(0, len(PALETTE), (n,), generator=generator)
-    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, generator)
-    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
-    g_y = g_x[partner]
-    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
-    fg_rgb = PALETTE[fg].float()[:, :, None, None]
-    x = g_x * 255.0 + (1 - g_x) * bg_rgb
-    y = g_y * fg_rgb + (1 - g_y) * 255.0
-    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
-    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
-
-
-@dataclass
-class PairData:
-    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
-    name: str
-    pairing: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    train_labels: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    test_labels: torch.Tensor
-    device: torch.device = None  # where batches() delivers, as Data's
-
-    @property
-    def image_shape(self):
-        return tuple(self.train_x.shape[1:])
-
-    def to(self, device):
-        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
-            setattr(self, k, getattr(self, k).to(device))
-        self.device = device
-        return self
-
-    def batches(self, split, batch_size, shuffle=False, generator=None, drop_last=False,
-                rank=0, world_size=1):
-        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
-        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
-        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
-                     (self.test_x, self.test_y, self.test_labels))
-        device = self.device or x.device
-        for idx in batch_indices(len(x), batch_size, shuffle, generator, drop_last, rank,
-                                 world_size, x.device):
-            xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
-            yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
-
-    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
-        return count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
-                             drop_last, world_size)
-
-    def domain(self, which, label="digit"):
-        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
-        generic tools (extract_features, eval_probe) can use it."""
-        col = PAIR_LABELS.index(label)
-        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
-        n_classes = 10 if label == "digit" else len(PALETTE)
-        return Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
-                    device=self.device)
-
-
-def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
-                   seed=PAIR_DATA_SEED, image_size=None, max_device_bytes=4 << 30):
-    """Colourful pairs built from a grayscale dataset (`load_data` of PAIR_SOURCES[name]);
-    the same (name, pairing, seed, image_size) always gives the same pairs."""
-    if name not in PAIR_SOURCES:
-        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
-    gray = load_data(PAIR_SOURCES[name], root, torch.device("cpu"), image_size)  # offline error comes from here
-    gen = torch.Generator().manual_seed(seed)
-    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, gen)
-    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, gen)
-    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
-    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
-    if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
-        data.to(device)
-    return data
-
-
-def load_pair_domain(name, domain, root="./data", device=torch.device("cpu"), label="digit",
-                     pairing="same-image", seed=PAIR_DATA_SEED, image_size=None):
-    """One domain of a pair dataset as a `Data` (for eval_probe on a shared_exclusive encoder,
-    whose checkpoint's `extra` names pair_domain, pairing, pair_seed)."""
-    if domain not in ("x", "y"):
-        raise UserError(f"pair domain must be 'x' or 'y', got {domain!r}")
-    return load_pair_data(name, root, device, pairing, seed, image_size).domain(domain, label)
-
-
-# ----------------------------------------------------------------------------------------
-# Encoders: each returns a dict of named taps; every one eval_probe.py may have to rebuild
+# Encoders: each returns a dict of named taps
 # ----------------------------------------------------------------------------------------
 def _conv_bn_relu(cin, cout, k, s, p):
     return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout),
@@ -881,161 +751,32 @@ class ResNetEncoder(nn.Module):
         return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
 
 
-class InfoGANEncoder(nn.Module):
-    """InfoGAN's shared D/Q trunk plus Q's hidden layer (arXiv:1606.03657, App. C, MNIST architecture
-    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
-    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
-    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
-
-    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
-    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
-    eval_probe.py). D's logit and Q's code outputs are heads kept in infogan.py.
-    """
-    maps = ("c1", "conv")
-    default_local = "c1"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
-        super().__init__()
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 4
-        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
-                                      nn.LeakyReLU(slope, inplace=True))
-
-    def forward(self, x):
-        c1 = self.c1(x)
-        conv = self.c2(c1)
-        fc = self.fc(conv.flatten(1))
-        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+# The generic encoders; a script that owns other networks has its own ENCODERS (its
+# checkpoints' encoder_cfg names one of them, and eval_probe.py looks there first).
+ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder}
 
 
-class InfoAEEncoder(DCGANEncoder):
-    """InfoAE's encoder E (arXiv:1904.08613, §2): strided convs, no pooling, BatchNorm on every layer
-    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
-    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
-
-    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
-    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
-    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
-    """
-    maps = ("c1", "c2", "conv")
-    default_local = "c2"
-
-    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
-        nn.Module.__init__(self)  # DCGANEncoder's layers differ; its forward (taps) is shared
-        w = width
-        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
-        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
-                                nn.LeakyReLU(slope, inplace=True))
-        s = image_size // 8
-        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
-                                nn.LeakyReLU(slope, inplace=True))
-        self.out = nn.Linear(fc_dim, y_dim)
-
-
-class StandardizedDCGANEncoder(DCGANEncoder):
-    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
-    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
-    shared_exclusive.py's shared code S: an unbounded S lets the critics' first layers undo
-    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
-    constant part) instead of by removing what X and Y do not share."""
-
-    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
-        super().__init__(in_channels, image_size, y_dim, fc_dim)
-        self.y_norm = self.norm(y_dim)
-
-    @staticmethod
-    def norm(dim):
-        return nn.BatchNorm1d(dim, affine=False)
-
-    def forward(self, x):
-        out = super().forward(x)
-        out["y"] = self.y_norm(out["y"])
-        return out
-
-
-class Whitening(nn.Module):
-    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
-    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
-    direction of the output has unit variance, not only every coordinate (per-dimension
-    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
-    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
-    whitened code has by design (W-MSE's reason too).
-
-    Training: the batch's own mean and covariance, gradients flowing through both, so the
-    batch's output is exactly white whatever the code does; the batch must be larger than
-    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
-    """
-
-    def __init__(self, dim, momentum=0.1, eps=1e-6):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_cov", torch.eye(dim))
-        self.register_buffer("num_batches_tracked", torch.tensor(0))
-
-    def forward(self, y):
-        y = y.float()
-        if self.training:
-            if len(y) <= y.shape[1]:
-                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
-                                f"{y.shape[1]} samples, got {len(y)}")
-            mean = y.mean(0)
-            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
-            with torch.no_grad():
-                # a plain average over the first 1/momentum batches, then a moving one: the
-                # identity it starts from would linger as a floor under small directions
-                self.num_batches_tracked += 1
-                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_cov.lerp_(cov.detach(), m)
-        else:
-            mean, cov = self.running_mean, self.running_cov
-        # a tiny ridge, relative to the mean variance, for numerical safety only
-        eye = torch.eye(len(cov), device=cov.device)
-        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
-        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
-
-
-class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
-    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
-    shared_exclusive.py's `--shared-norm whiten`, so that S cannot hide what the L1 pull
-    should remove in directions of small variance."""
-
-    norm = Whitening
-
-
-ENCODERS = {"dcgan": DCGANEncoder, "alexnet": AlexNetEncoder, "resnet": ResNetEncoder,
-            "infogan": InfoGANEncoder, "infoae": InfoAEEncoder,
-            "dcgan-std": StandardizedDCGANEncoder, "dcgan-white": WhitenedDCGANEncoder}
-
-
-def encoder_config(arch, image_shape, y_dim=64):
+def encoder_config(arch, image_shape, y_dim=64, encoders=ENCODERS):
     """The plain-typed constructor arguments saved in checkpoints ('auto' resolved here)."""
     c, h, w = image_shape
     if h != w or h % 8:
         raise UserError(f"encoders expect square images with a side divisible by 8, got {h}x{w}")
     if arch == "auto":
         arch = "alexnet" if h >= 64 else "dcgan"
-    if arch not in ENCODERS:
-        raise UserError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODERS)}")
+    if arch not in encoders:
+        raise UserError(f"unknown encoder {arch!r}; choose one of {', '.join(encoders)}")
     return {"arch": arch, "in_channels": int(c), "image_size": int(h), "y_dim": int(y_dim)}
 
 
-def build_encoder(cfg):
+def build_encoder(cfg, encoders=ENCODERS):
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
-    if arch not in ENCODERS:
+    if arch not in encoders:
         raise UserError(f"encoder_cfg names no known architecture ({arch!r}, not one of "
-                        f"{', '.join(ENCODERS)}): was the checkpoint edited?")
+                        f"{', '.join(encoders)}): was the checkpoint edited, or written by another "
+                        "version of the code? Evaluate it with the code that wrote it")
     try:
-        return ENCODERS[arch](**cfg)
+        return encoders[arch](**cfg)
     except (TypeError, ValueError) as e:  # arguments the architecture does not take
         raise UserError(f"encoder_cfg {dict(cfg, arch=arch)} builds no encoder ({e})") from None
 
@@ -1153,21 +894,12 @@ def _as_3d(scores):
     return scores.float()  # bounds in fp32 even under autocast
 
 
-def _positives(s):
-    return s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K)
-
-
-def _negative_mask(s):
-    n = s.shape[0]
-    return ~torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
-
-
 def jsd_bound(scores):
     """Jensen-Shannon MI estimate: E_pos[-sp(-T)] - E_neg[sp(T)], positives excluded from
     the negatives. Insensitive to the number of negatives."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
     e_pos = -F.softplus(-pos).mean()
     # sum of sp(T) over everything minus over the diagonal = sum over negatives only
     e_neg = (F.softplus(s).sum() - F.softplus(pos).sum()) / (n * (n - 1) * k)
@@ -1182,8 +914,9 @@ def infonce_bound(scores):
     log((N-1)*K + 1) (log N for global scores)."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)  # (N, K)
-    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
+    positive = torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
+    neg = s.masked_fill(positive, float("-inf"))
     lse_neg = torch.logsumexp(neg.flatten(1), dim=1)  # (N,) over all negatives of n
     return (pos - torch.logaddexp(pos, lse_neg[:, None])).mean() + math.log((n - 1) * k + 1)
 
@@ -1193,8 +926,9 @@ def dv_bound(scores):
     stably as logsumexp minus log(count)."""
     s = _as_3d(scores)
     n, _, k = s.shape
-    pos = _positives(s)
-    neg = s.masked_fill(~_negative_mask(s), float("-inf"))
+    pos = s.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (N, K): T of the positive pairs
+    positive = torch.eye(n, dtype=torch.bool, device=s.device)[:, :, None]  # (N, N, 1)
+    neg = s.masked_fill(positive, float("-inf"))
     return pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(n * (n - 1) * k))
 
 
@@ -1217,7 +951,7 @@ def cluster_information(logits, logits_warped, balance=1.0, eps=1e-8):
 
 
 # ----------------------------------------------------------------------------------------
-# Critics, and prior matching (DIM §3.3): y -> sigmoid, matched to Uniform[0,1]^D adversarially
+# Critics: score global features against local (or conv) maps
 # ----------------------------------------------------------------------------------------
 class DotCritic(nn.Module):
     """Encode-and-dot-product critic (DIM's main tables).
@@ -1292,29 +1026,6 @@ class GlobalCritic(nn.Module):
             global_feat, conv_map = gather(global_feat), gather(conv_map)
         h = self.w_global(global_feat)[:, None, :] + self.w_conv(conv_map.flatten(1))[None, :, :]
         return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
-
-
-class PriorDiscriminator(nn.Module):
-    def __init__(self, dim, hidden=(1000, 200)):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden[1], 1))
-
-    def forward(self, v):
-        return self.net(v).squeeze(-1)
-
-
-def prior_disc_loss(prior_disc, global_feat):
-    """Discriminator side: prior samples are real, sigmoid(y) (detached) is fake."""
-    fake = torch.sigmoid(global_feat.detach().float())
-    real = torch.rand_like(fake)
-    return F.softplus(-prior_disc(real)).mean() + F.softplus(prior_disc(fake)).mean()
-
-
-def prior_encoder_loss(prior_disc, global_feat):
-    """Encoder side (non-saturating GAN loss): make sigmoid(y) look like prior samples."""
-    return F.softplus(-prior_disc(torch.sigmoid(global_feat.float()))).mean()
 
 
 # ----------------------------------------------------------------------------------------
@@ -1400,6 +1111,26 @@ def convert_sync_bn(modules, enabled, world, device):
             nn.SyncBatchNorm.convert_sync_batchnorm(m)
 
 
+class _Function(nn.Module):
+    def __init__(self, fn, modules, others):
+        super().__init__()
+        self.fn, self.nets, self.others = fn, nn.ModuleDict(modules), others
+
+    def forward(self, *args, **kwargs):
+        return self.fn({**self.nets, **self.others}, *args, **kwargs)
+
+
+def ddp_function(fn, modules, device, others=None):
+    """`fn(nets, *args)` with nets = `modules` and `others` (dicts of networks): fn itself in
+    one process; under torchrun the forward of one DistributedDataParallel module holding
+    `modules` (`others` are passed, not held: another module's, or frozen), so DDP sees one
+    forward and one backward per step however often fn uses each network."""
+    others = dict(others or {})
+    if _dist() is None:
+        return functools.partial(fn, {**modules, **others})
+    return wrap_ddp(_Function(fn, modules, others), device)
+
+
 def wrap_ddp(module, device):
     """DistributedDataParallel when running under torchrun, the module itself otherwise."""
     if _dist() is None or module is None:
@@ -1435,8 +1166,9 @@ class Run:
     nothing behind; resuming reuses the checkpoint's folder.
     """
 
-    def __init__(self, script, args, resume_dir=None):
+    def __init__(self, script, args, resume_dir=None, elapsed=0.0):
         self.script, self.main = script, is_main_process()
+        self.t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
         self.tensorboard = None
         if not self.main:  # other ranks write nothing; their path() is never used for writing
             self.dir, self.metrics_path = resume_dir or args.out_dir, None
@@ -1468,6 +1200,20 @@ class Run:
 
     def path(self, name):
         return os.path.join(self.dir, name)
+
+    def elapsed(self):
+        """Seconds trained, a resumed run's included."""
+        return time.time() - self.t0
+
+    def plot(self, monitor_keys, baselines=None):
+        """curves.png from metrics.jsonl (plot_curves); the main process only."""
+        if self.main:
+            plot_curves(self.metrics_path, self.path("curves.png"), monitor_keys, baselines)
+
+    def checkpoint(self, **state):
+        """checkpoint.pt of the run (save_checkpoint's arguments but path, script, elapsed)."""
+        save_checkpoint(self.path("checkpoint.pt"), script=self.script, elapsed=self.elapsed(),
+                        **state)
 
     def remove_if_unfinished(self):
         """At exit: a new run that failed before its first checkpoint leaves no folder."""
@@ -1560,7 +1306,7 @@ def atomic_write_text(path, text):
 
 
 def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, step,
-                    modules=None, optimizers=None, extra=None, generators=None, elapsed=0.0):
+                    modules=None, optimizers=None, extra=None, rngs=None, elapsed=0.0):
     """Write a checkpoint that loads with weights_only=True (plain types only), atomically.
 
     `encoder` must be the plain module (not the torch.compile or DDP wrapper), so keys carry
@@ -1582,7 +1328,7 @@ def save_checkpoint(path, *, script, encoder, encoder_cfg, args, data, epoch, st
         "modules": {k: m.state_dict() for k, m in (modules or {}).items()},
         "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
         "extra": _plain(extra or {}),
-        "rng": rng_state(generators),  # so that --resume continues the same random draws
+        "rng": rng_state(rngs),  # so that --resume continues the same random draws
         "time": float(elapsed),
     }
     nonfinite = [f"{part}.{k}" for part, sd in [("encoder", state["encoder"]), *state["modules"].items()]
@@ -1618,10 +1364,10 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def encoder_from_checkpoint(ckpt):
-    """Rebuild the encoder from the checkpoint alone; every key must match exactly, and every
-    weight be finite."""
-    encoder = build_encoder(ckpt["encoder_cfg"])
+def encoder_from_checkpoint(ckpt, encoders=ENCODERS):
+    """Rebuild the encoder from the checkpoint alone (its architecture one of `encoders`);
+    every key must match exactly, and every weight be finite."""
+    encoder = build_encoder(ckpt["encoder_cfg"], encoders)
     try:
         result = encoder.load_state_dict(ckpt["encoder"], strict=False)
     except RuntimeError as e:  # a size mismatch
@@ -1638,7 +1384,7 @@ def encoder_from_checkpoint(ckpt):
     return encoder
 
 
-def resume_state(args, script, modules, optimizers, generators=None):
+def resume_state(args, script, modules, optimizers, rngs=None):
     """If --resume is set: load every module and optimizer and the random streams, return
     (run_dir, epoch, step, seconds trained so far)."""
     if not args.resume:
@@ -1663,7 +1409,7 @@ def resume_state(args, script, modules, optimizers, generators=None):
                             f"step {newest_step}; resume that one, or move {args.resume} into a "
                             "folder of its own to branch off from it")
     if "rng" in ckpt and _dist() is None:  # under torchrun each rank keeps its own streams
-        set_rng_state(ckpt["rng"], generators)
+        set_rng_state(ckpt["rng"], rngs)
     if is_main_process():
         for name in os.listdir(run_dir):  # what a killed writer left (older versions: tmp*.tmp)
             if name.endswith(".tmp") and name.startswith((".", "tmp")):
@@ -1696,34 +1442,30 @@ def cut_metrics(path, step):
 # watched. Everything else would make the continuation another run.
 RESUME_SAFE = ("epochs", "max_steps", "no_progress", "device", "eval_every", "data_root", "resume",
                "tensorboard", "knn_rule")
-_UNSET = object()
 
 
-def merge_resume_args(parser, argv, args, safe=RESUME_SAFE):
+def merge_resume_args(parser, argv, args, safe=RESUME_SAFE, renamed=None):
     """With --resume: the checkpoint's args, with the `safe` flags given on the command line
-    on top; any other flag given with another value is a UserError naming it."""
+    on top; any other flag given with another value is a UserError naming it. `renamed`
+    maps a dest an older checkpoint saved to the dest that holds it now."""
     check_out_dir(os.path.dirname(os.path.abspath(args.resume)) if args.resume else args.out_dir,
                   "--resume" if args.resume else "--out-dir")
     if not args.resume:
         return args
-    dests = [a.dest for a in parser._actions if a.dest != argparse.SUPPRESS]
-    # parsed again onto a namespace that already holds every dest: argparse then fills in no
-    # default, so what is not _UNSET afterwards was typed on the command line
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
-    given = {k: v for k, v in vars(given).items() if v is not _UNSET}
-    saved = load_checkpoint(args.resume)["args"]
+    saved = {(renamed or {}).get(k, k): v for k, v in load_checkpoint(args.resume)["args"].items()}
+    # argparse fills in a default only where the namespace lacks the dest, so parsed onto the
+    # saved args, a dest differs from its saved value exactly where a flag gave another one
+    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     for key, value in saved.items():
-        if key in given and key not in safe and _plain(given[key]) != value:
-            flag = max(next(a for a in parser._actions if a.dest == key).option_strings, key=len)
-            raise UserError(f"{flag} {given[key]} differs from the resumed run's {value}; "
-                            f"a resumed run may change only "
+        given = getattr(merged, key)
+        if key not in safe and _plain(given) != value:
+            raise UserError(f"--{key.replace('_', '-')} {given} differs from the resumed run's "
+                            f"{value}; a resumed run may change only "
                             f"{', '.join('--' + k.replace('_', '-') for k in safe if k != 'resume')}")
-        if key not in given or key not in safe:
-            setattr(args, key, value)
-    return args
+    return merged
 
 
-def rng_state(generators=None):
+def rng_state(rngs=None):
     """Every random stream a run draws from, as tensors and lists (weights_only loads them)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -1731,10 +1473,10 @@ def rng_state(generators=None):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [py_state[0], list(py_state[1]), py_state[2]],
-            "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
+            "generators": {k: g.get_state() for k, g in (rngs or {}).items()}}
 
 
-def set_rng_state(state, generators=None):
+def set_rng_state(state, rngs=None):
     """Put back what rng_state saved, so a resumed run draws what the uninterrupted one would."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -1743,16 +1485,13 @@ def set_rng_state(state, generators=None):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    for k, g in (generators or {}).items():
+    for k, g in (rngs or {}).items():
         g.set_state(state["generators"][k])
 
 
-DV_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
-
-
-def check_finite(loss, step, what="loss", hint=DV_HINT):
+def check_finite(loss, step, what, hint):
     """A UserError naming the step when `loss` is not finite. `hint`: what blew up and what to
-    try, in the script's own flags (the default is the DIM scripts', whose --loss dv can)."""
+    try, in the script's own flags."""
     if not torch.isfinite(loss).all():
         raise UserError(f"{what} became {loss.item()} at step {step}; {hint}")
 
@@ -1923,6 +1662,49 @@ def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500, rule="weig
     if rule == "uniform":
         return knn_accuracy(*(t.cpu().numpy() for t in (*feats["train"], *feats["test"])), k)
     return weighted_knn_accuracy(*feats["train"], *feats["test"], k, temperature, device)
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop's bookkeeping, the same in every script
+# ----------------------------------------------------------------------------------------
+def start(args):
+    """Join torchrun's processes (if any), set the matmul precision and seed everything:
+    (device, rank, world size)."""
+    device, rank, world = init_distributed(args.device)
+    set_precision(device, args.deterministic)
+    seed_everything(args.seed)
+    return device, rank, world
+
+
+def epoch_batches(data, args, index, desc, rank=0, world=1):
+    """The RNG of epoch `index` (seeded by it: the same order after --resume) and a progress
+    bar over the epoch's shuffled batches of this process (--batch-size is the global batch);
+    the RNG also draws the step's augmentations."""
+    rng = torch.Generator().manual_seed(args.seed * 100003 + index)
+    per_rank = args.batch_size // world
+    batches = data.batches("train", per_rank, shuffle=True, rng=rng, drop_last=True, rank=rank,
+                           world_size=world)
+    return rng, progress(batches, total=data.n_batches("train", per_rank, drop_last=True,
+                                                      world_size=world),
+                         desc=desc, disable=args.no_progress or rank > 0)
+
+
+def add_step(sums, logs):
+    """Add one step's logged scalars (tensors) to running sums; sums["n"] counts the steps."""
+    sums["n"] = sums.get("n", 0) + 1
+    for k, v in logs.items():
+        sums[k] = sums.get(k, 0.0) + v.item()
+
+
+def means(sums):
+    """Each logged scalar's mean over the steps add_step has counted."""
+    return {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def eval_due(every, epoch, last):

@@ -57,7 +57,6 @@ Extensions (off by default; paper Tables 3 and 5, App. A.7):
 - Extra passes (--cross-view, occlusion, masked maps) leave BatchNorm's running statistics.
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -67,6 +66,7 @@ import common
 from common import UserError
 
 SCRIPT = "dim_global"
+NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
 
 
 # The defaults are the recipe measured on real images (docs/dim.md); `--paper` restores the
@@ -227,6 +227,32 @@ def random_blocks(n, m, device):
     return (inside[0, :, :, None] & inside[1, :, None, :])[:, None].float()
 
 
+class PriorDiscriminator(nn.Module):
+    """Prior matching's discriminator (§3.3): MLP 1000-200-1 telling Uniform[0,1]^D samples
+    (real) from sigmoid(y) (fake)."""
+
+    def __init__(self, dim, hidden=(1000, 200)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[1], 1))
+
+    def forward(self, v):
+        return self.net(v).squeeze(-1)
+
+
+def prior_disc_loss(prior_disc, global_feat):
+    """Discriminator side: prior samples are real, sigmoid(y) (detached) is fake."""
+    fake = torch.sigmoid(global_feat.detach().float())
+    real = torch.rand_like(fake)
+    return F.softplus(-prior_disc(real)).mean() + F.softplus(prior_disc(fake)).mean()
+
+
+def prior_encoder_loss(prior_disc, global_feat):
+    """Encoder side (non-saturating GAN loss): make sigmoid(y) look like prior samples."""
+    return F.softplus(-prior_disc(torch.sigmoid(global_feat.float()))).mean()
+
+
 def build_critics(args, encoder, shapes, local_layer):
     """Only the terms with a non-zero weight get a network (and an optimiser entry)."""
     critics = {}
@@ -245,14 +271,95 @@ def build_critics(args, encoder, shapes, local_layer):
         critics["coord_rel"] = CoordHead(args.y_dim + 2 * shapes[local_layer][0],
                                          2 * shapes[local_layer][1] - 1)
     if args.gamma > 0:
-        critics["prior_disc"] = common.PriorDiscriminator(args.y_dim)
+        critics["prior_disc"] = PriorDiscriminator(args.y_dim)
     return critics
 
 
+def build_optimizers(encoder, critics, lr):
+    """One Adam for the encoder, the MI critics and the coordinate heads; one for the prior
+    discriminator, which plays against them."""
+    mi_params = [p for k, m in critics.items() if k != "prior_disc" for p in m.parameters()]
+    optimizers = {"opt": common.adam(list(encoder.parameters()) + mi_params, lr=lr)}
+    if "prior_disc" in critics:
+        optimizers["disc_opt"] = common.adam(critics["prior_disc"].parameters(), lr=lr)
+    return optimizers
+
+
+def views(images, args, rng):
+    """(x, x_y): x is what every term but y reads (shifted by up to --shift px), x_y the view
+    y is computed from: x itself, or with --cross-view a second view with its own jitter."""
+    x = common.random_shift(images, args.shift, rng)
+    if args.cross_view == "none":
+        return x, x
+    if args.cross_view == "shift":
+        x_y = common.random_shift(images, args.shift, rng)
+    else:  # warp
+        s = args.warp_strength
+        x_y = common.random_affine(images, 25.0 * s, 0.2 * s, 0.1 * s, flip=args.flip, rng=rng)
+    return x, common.random_jitter(x_y, args.jitter, rng)
+
+
+def dim_loss(nets, encoder, x, x_y, args, local_layer):
+    """Minus Eq. 8 (alpha * I(X; y) + beta * I(C(X); y) - gamma * prior term) plus the
+    extensions' terms: (loss, the terms by name, y). `nets` holds the networks as the step
+    calls them (DDP-wrapped, compiled); `encoder` is the plain one, whose BatchNorm statistics
+    the extra passes leave alone and whose layers after `local_layer` --multi-global reruns."""
+    bound = common.BOUNDS[args.loss]  # jsd_bound, infonce_bound or dv_bound of the scores
+    gather = common.gather_batch  # negatives from every process's batch (identity on one)
+    out = nets["encoder"](x)
+    local_map = out[local_layer]  # (N, C, M, M): C(x), always from the full input
+    if x_y is x:
+        y = out["y"]  # (N, y_dim): the global feature E(x)
+    else:  # a second pass, which leaves BatchNorm's statistics to the first
+        with common.keep_bn_stats(encoder):
+            y = nets["encoder"](x_y)["y"]
+    loss = torch.zeros((), device=x.device)
+    logs = {}
+    if args.alpha > 0:  # y against the conv map of its image (positive) and of the others
+        logs["global_mi"] = bound(nets["global_critic"](y, out["conv"], gather=gather))
+        loss = loss - args.alpha * logs["global_mi"]
+    if args.beta > 0:  # y against every local feature of its image and of the others
+        logs["local_mi"] = bound(nets["local_critic"](y, local_map, gather=gather))
+        loss = loss - args.beta * logs["local_mi"]
+    for _ in range(args.multi_global):
+        block_map = local_map * random_blocks(len(x), local_map.shape[-1], x.device)
+        with common.keep_bn_stats(encoder):  # a less global y from one block of C(x)
+            y_block = common.forward_from(encoder, local_layer, block_map)
+        mi = bound(nets["local_critic"](y_block, local_map, gather=gather)) / args.multi_global
+        logs["multi_global_mi"] = logs.get("multi_global_mi", 0) + mi
+        loss = loss - args.beta * mi
+    for name in ("coord_abs", "coord_rel"):
+        if name in nets:
+            logs[name] = coordinate_loss(nets[name], y, local_map, relative=(name == "coord_rel"))
+            loss = loss + args.coord_weight * logs[name]
+    if args.gamma > 0:
+        logs["prior_gen"] = prior_encoder_loss(nets["prior_disc"], y)
+        loss = loss + args.gamma * logs["prior_gen"]
+    return loss, logs, y
+
+
+def train_step(nets, encoder, optimizers, x, x_y, args, local_layer, step):
+    """One update: the encoder and the critics on dim_loss, then the prior discriminator on
+    its own loss. Returns the logged terms (benchmarks/speed.py times this function)."""
+    with common.autocast(x.device, args.amp):
+        loss, logs, y = dim_loss(nets, encoder, x, x_y, args, local_layer)
+    common.check_finite(loss, step, "loss", NAN_HINT)
+    optimizers["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    optimizers["opt"].step()
+    if "prior_disc" in nets:
+        d_loss = prior_disc_loss(nets["prior_disc"], y)
+        optimizers["disc_opt"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["disc_opt"].step()
+        logs["prior_disc"] = d_loss
+    logs["loss"] = loss
+    return logs
+
+
 def train(args):
-    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    common.set_precision(device, args.deterministic)
-    common.seed_everything(args.seed)
+    device, rank, world = common.start(args)  # world > 1 under torchrun
+    main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     if args.amp is None:  # the recipe: bf16 where the device computes it natively
@@ -276,43 +383,32 @@ def train(args):
             raise UserError(f"every receptive field of {local_layer} overlaps every other: "
                             f"occlusion needs an earlier --local-layer")
         block = int(fields.flatten(1).sum(1).max().sqrt().ceil())  # an interior field's side
-    nets = build_critics(args, encoder, shapes, local_layer)
-    for m in nets.values():
-        m.to(device)
-    prior_disc = nets.get("prior_disc")
-    mi_params = [p for k, m in nets.items() if k != "prior_disc" for p in m.parameters()]
-    optimizers = {"opt": common.adam(list(encoder.parameters()) + mi_params, lr=args.lr)}
-    if prior_disc is not None:
-        optimizers["disc_opt"] = common.adam(prior_disc.parameters(), lr=args.lr)
+    critics = {k: m.to(device) for k, m in build_critics(args, encoder, shapes, local_layer).items()}
+    optimizers = build_optimizers(encoder, critics, args.lr)
     # the monitor's baseline: the untrained encoder (the one every run starts from)
     knn_y_random_init = (common.knn_monitor(encoder, data, device, rule=args.knn_rule,
                                             amp=args.amp)
-                         if args.eval_every and rank == 0 else None)
+                         if args.eval_every and main_process else None)
 
     run_dir, start_epoch, step, elapsed = common.resume_state(
-        args, SCRIPT, {"encoder": encoder, **nets}, optimizers)
+        args, SCRIPT, {"encoder": encoder, **critics}, optimizers)
     steps_per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True,
                                      world_size=world)
     planned_steps = args.epochs * steps_per_epoch  # the schedule's; --max-steps cuts it short
     total_steps = min(planned_steps, args.max_steps or math.inf)
     if not args.log_every:  # fixed once, in args.json, so a resumed run logs at the same steps
         args.log_every = max(1, round(planned_steps / 20))
-    run = common.Run(SCRIPT, args, run_dir)
-    bound = common.BOUNDS[args.loss]
-    common.convert_sync_bn([encoder, *nets.values()], args.sync_bn, world, device)
-    # DDP / compiled views for training; the plain modules are what gets saved
-    enc, global_critic, local_critic, prior = (
-        common.maybe_compile(common.wrap_ddp(m, device), args.compile and m is not None)
-        for m in (encoder, nets.get("global_critic"), nets.get("local_critic"), prior_disc))
-    coord_heads = {k: common.wrap_ddp(m, device) for k, m in nets.items() if k.startswith("coord")}
-    gather = common.gather_batch  # negatives from every process's batch (identity on one)
-    quiet = args.no_progress or rank > 0
-    if rank == 0:
+    run = common.Run(SCRIPT, args, run_dir, elapsed)
+    common.convert_sync_bn([encoder, *critics.values()], args.sync_bn, world, device)
+    # the networks as the step calls them (DDP-wrapped, compiled); the plain ones are saved
+    step_nets = {k: common.maybe_compile(common.wrap_ddp(m, device),
+                                         args.compile and not k.startswith("coord"))
+                 for k, m in {"encoder": encoder, **critics}.items()}
+    if main_process:
         print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
               f"{len(data.train_x)} train / {len(data.test_x)} test  local map: {local_layer} "
               f"{tuple(shapes[local_layer])}  processes: {world}")
 
-    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
     # the running sums of the current metrics line, carried over epochs and checkpoints
     sums = (dict(common.load_checkpoint(args.resume).get("extra", {}).get("sums", {}))
@@ -320,107 +416,47 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
-        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
-        per_rank = args.batch_size // world  # --batch-size is the global batch
-        bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=gen,
-                                           drop_last=True, rank=rank, world_size=world),
-                              total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
-                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
-        for batch, _ in bar:
-            x = common.random_shift(batch, args.shift, gen)  # what every term but y reads
-            x_y = (common.random_shift(batch, args.shift, gen) if args.cross_view == "shift" else
-                   common.random_affine(batch, 25.0 * args.warp_strength, 0.2 * args.warp_strength,
-                                        0.1 * args.warp_strength, flip=args.flip, generator=gen)
-                   if args.cross_view == "warp" else
-                   x)  # the view y is computed from
-            if x_y is not x:
-                x_y = common.random_jitter(x_y, args.jitter, gen)
-            if x_y is not x and step == 0 and rank == 0:  # each image beside its second view
+        rng, bar = common.epoch_batches(data, args, epoch, f"epoch {epoch + 1}/{args.epochs}",
+                                        rank, world)
+        for images, _ in bar:
+            x, x_y = views(images, args, rng)
+            if x_y is not x and step == 0 and main_process:  # each image beside its second view
                 common.save_image_grid(torch.stack((x[:32], x_y[:32]), 1).flatten(0, 1),
                                        run.path("views.png"), 8)
-            with common.autocast(device, args.amp):
-                out = enc(x)
-                local_map = out[local_layer]  # (N, C, M, M): C(x), always from the full input
-                if args.occlude:  # y from an occluded input, everything else from the full one
-                    x_y = occlude(x_y, fields, disjoint_pairs, block, args.occlude_p)
-                    if step == 0 and rank == 0:
-                        common.save_image_grid(x_y[:64], run.path("occlusions.png"), 8)
-                if x_y is x:
-                    y = out["y"]  # (N, y_dim): the global feature E(x)
-                else:  # a second pass, which leaves BatchNorm's statistics to the first
-                    with common.keep_bn_stats(encoder):
-                        y = enc(x_y)["y"]
-                loss = torch.zeros((), device=device)
-                logs = {}
-                if args.alpha > 0:
-                    logs["global_mi"] = bound(global_critic(y, out["conv"], gather=gather))
-                    loss = loss - args.alpha * logs["global_mi"]
-                if args.beta > 0:
-                    logs["local_mi"] = bound(local_critic(y, local_map, gather=gather))
-                    loss = loss - args.beta * logs["local_mi"]
-                for _ in range(args.multi_global):
-                    block_map = local_map * random_blocks(len(x), local_map.shape[-1], device)
-                    with common.keep_bn_stats(encoder):  # a less global y from one block of C(x)
-                        y_block = common.forward_from(encoder, local_layer, block_map)
-                    mi = bound(local_critic(y_block, local_map, gather=gather)) / args.multi_global
-                    logs["multi_global_mi"] = logs.get("multi_global_mi", 0) + mi
-                    loss = loss - args.beta * mi
-                for name in ("coord_abs", "coord_rel"):
-                    if name in coord_heads:
-                        logs[name] = coordinate_loss(coord_heads[name], y, local_map,
-                                                     relative=(name == "coord_rel"))
-                        loss = loss + args.coord_weight * logs[name]
-                if args.gamma > 0:
-                    logs["prior_gen"] = common.prior_encoder_loss(prior, y)
-                    loss = loss + args.gamma * logs["prior_gen"]
-            common.check_finite(loss, step)
+            if args.occlude:  # y from an occluded input, everything else from the full one
+                x_y = occlude(x_y, fields, disjoint_pairs, block, args.occlude_p)
+                if step == 0 and main_process:
+                    common.save_image_grid(x_y[:64], run.path("occlusions.png"), 8)
             if args.lr_schedule == "cosine":  # a function of the step alone: resumes exactly
-                for opt in optimizers.values():
-                    for group in opt.param_groups:
-                        group["lr"] = args.lr * (1 + math.cos(math.pi * step / planned_steps)) / 2
-            optimizers["opt"].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers["opt"].step()
-            if prior_disc is not None:
-                d_loss = common.prior_disc_loss(prior, y)
-                optimizers["disc_opt"].zero_grad(set_to_none=True)
-                d_loss.backward()
-                optimizers["disc_opt"].step()
-                logs["prior_disc"] = d_loss
+                common.set_lr(optimizers, args.lr * (1 + math.cos(math.pi * step / planned_steps)) / 2)
+            logs = train_step(step_nets, encoder, optimizers, x, x_y, args, local_layer, step)
             step += 1
-            logs["loss"] = loss
-            sums["n"] = sums.get("n", 0) + 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}",
+
+            common.add_step(sums, logs)
+            bar.set_postfix(loss=f"{logs['loss'].item():.3f}",
                             **{k: f"{logs[k].item():.3f}" for k in ("global_mi", "local_mi") if k in logs}, **shown)
             last = step >= total_steps
             if step % args.log_every == 0 or last:  # a metrics line: each term's mean since the last
-                stats = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
-                sums = {}
-                if rank == 0 and common.eval_due(args.eval_every, step // args.log_every - 1, last):
+                stats, sums = common.means(sums), {}
+                if main_process and common.eval_due(args.eval_every, step // args.log_every - 1, last):
                     stats["knn_y"] = common.knn_monitor(encoder, data, device, rule=args.knn_rule,
                                                          amp=args.amp)
                     shown["knn_y"] = f"{stats['knn_y']:.3f}"
-                run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-                if rank == 0:
-                    common.plot_curves(run.metrics_path, run.path("curves.png"), ["knn_y"],
-                                       {"knn_y": knn_y_random_init})
+                run.log(epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
+                run.plot(["knn_y"], {"knn_y": knn_y_random_init})
             if last:
                 break
-        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=encoder,
-                               encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
-                               step=step, modules=nets, optimizers=optimizers,
-                               extra={"sums": sums}, elapsed=time.time() - t0)
+        run.checkpoint(encoder=encoder, encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
+                       step=step, modules=critics, optimizers=optimizers, extra={"sums": sums})
 
-    common.finish_distributed()  # the rest is rank 0's alone
-    if rank > 0:
+    common.finish_distributed()  # the rest is the main process's alone
+    if not main_process:
         return run
     probes = common.probe_against_random_init(encoder, enc_cfg, data, device, args.seed)
     if "knn_y" in stats:
         probes.update(knn_y=stats["knn_y"], knn_y_random_init=knn_y_random_init)
     run.log(step=step, **probes)
-    common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
+    common.print_table([{"epochs": args.epochs, "steps": step, "minutes": run.elapsed() / 60,
                          **{k: v for k, v in stats.items() if k != "prior_disc"}, **probes}],
                        title=f"\nDIM ({args.loss}, alpha={args.alpha}, beta={args.beta}, "
                              f"gamma={args.gamma}) on {data.name}")

@@ -43,6 +43,7 @@ NDM discriminator's loss; the values here are flags.
 
     python eval_probe.py runs/<run>/checkpoint.pt --probes linear --mine --ndm --msssim --tsne
 """
+import importlib
 import json
 import math
 import os
@@ -128,16 +129,16 @@ def mlp_probe(train_x, train_y, test_x, test_y, n_classes, hidden, dropout, epoc
     return float((pred == test_y).mean())
 
 
-def shuffled_pairs(n, generator=None, device="cpu"):
+def shuffled_pairs(n, rng=None, device="cpu"):
     """Indices (i, j), i != j everywhere: x_i paired with y_j is a draw from the product of
     the marginals (a random permutation against itself shifted by one)."""
-    perm = torch.randperm(n, generator=generator).to(device)
+    perm = torch.randperm(n, generator=rng).to(device)
     return perm, perm.roll(1)
 
 
-def shuffle_columns(f, generator=None):
+def shuffle_columns(f, rng=None):
     """Every column of f permuted independently across the rows: same marginals, no dependence."""
-    order = torch.rand(f.shape, generator=generator).to(f.device).argsort(0)
+    order = torch.rand(f.shape, generator=rng).to(f.device).argsort(0)
     return f.gather(0, order)
 
 
@@ -385,31 +386,42 @@ def measures(args, encoder, data, device, suffix):
     return out
 
 
+def script_module(ckpt):
+    """The module of the script that wrote `ckpt` (a .py file beside this one), or None. A
+    script that owns networks lists them in its ENCODERS; one whose data are its own (image
+    pairs) has probe_data(ckpt, root, device, label)."""
+    name = ckpt["script"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not (isinstance(name, str) and name.isidentifier()
+            and os.path.isfile(os.path.join(here, name + ".py"))):
+        return None
+    return importlib.import_module(name)
+
+
 def load_encoder(args, device):
     ckpt = common.load_checkpoint(args.checkpoint)
+    module = script_module(ckpt)
+    encoders = {**common.ENCODERS, **getattr(module, "ENCODERS", {})}
     if args.random_init:
         torch.manual_seed(args.seed)
-        encoder = common.build_encoder(ckpt["encoder_cfg"])
+        encoder = common.build_encoder(ckpt["encoder_cfg"], encoders)
     else:
-        encoder = common.encoder_from_checkpoint(ckpt)
+        encoder = common.encoder_from_checkpoint(ckpt, encoders)
     encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return ckpt, encoder
+    return ckpt, module, encoder
 
 
 def evaluate(args):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
-    ckpt, encoder = load_encoder(args, device)
+    ckpt, module, encoder = load_encoder(args, device)
     run_args = ckpt["args"]
     dataset = args.dataset or ckpt["dataset"]
     data_root = args.data_root or run_args.get("data_root", "./data")
-    extra = ckpt.get("extra", {})
-    if extra.get("pair_domain") and args.dataset is None:  # a shared_exclusive encoder
-        data = common.load_pair_domain(dataset, extra["pair_domain"], data_root, device,
-                                       label=args.pair_label, pairing=extra["pairing"],
-                                       seed=extra["pair_seed"], image_size=ckpt["image_shape"][-1])
+    if hasattr(module, "probe_data") and args.dataset is None:  # the script's own data (pairs)
+        data = module.probe_data(ckpt, data_root, device, label=args.pair_label)
     else:
         data = common.load_data(dataset, data_root, device, image_size=ckpt["image_shape"][-1])
     if list(data.image_shape) != list(ckpt["image_shape"]):
@@ -424,25 +436,25 @@ def evaluate(args):
     taps = [t for t in args.taps if t in available]
     if not taps:
         raise UserError(f"none of the taps {args.taps} exist; this encoder has {', '.join(available)}")
-    train_f, train_y = common.extract_features(encoder, data, "train", taps, device=device)
-    test_f, test_y = common.extract_features(encoder, data, "test", taps, device=device)
+    train_f, train_labels = common.extract_features(encoder, data, "train", taps, device=device)
+    test_f, test_labels = common.extract_features(encoder, data, "test", taps, device=device)
 
     rows = []
     for tap in taps:
         row = {"tap": tap, "dim": train_f[tap].shape[1]}
         tx, vx = train_f[tap], test_f[tap]
         if "linear" in args.probes:
-            row["linear"] = common.linear_probe(tx, train_y, vx, test_y)
+            row["linear"] = common.linear_probe(tx, train_labels, vx, test_labels)
         if "mlp" in args.probes:
-            row["mlp"] = mlp_probe(tx, train_y, vx, test_y, data.n_classes, args.mlp_hidden,
+            row["mlp"] = mlp_probe(tx, train_labels, vx, test_labels, data.n_classes, args.mlp_hidden,
                                    args.dropout, args.mlp_epochs, device, args.seed)
         if "knn" in args.probes and args.knn_rule == "uniform":
-            row["knn"] = common.knn_accuracy(tx, train_y, vx, test_y, args.knn_k)
+            row["knn"] = common.knn_accuracy(tx, train_labels, vx, test_labels, args.knn_k)
         elif "knn" in args.probes:
-            row["knn"] = common.weighted_knn_accuracy(tx, train_y, vx, test_y, args.knn_k,
+            row["knn"] = common.weighted_knn_accuracy(tx, train_labels, vx, test_labels, args.knn_k,
                                                       args.knn_temperature, device)
         if "kmeans" in args.probes:
-            row["kmeans"] = common.kmeans_accuracy(vx, test_y, data.n_classes, args.seed)
+            row["kmeans"] = common.kmeans_accuracy(vx, test_labels, data.n_classes, args.seed)
         rows.append(row)
     extra = measures(args, encoder, data, device, output_suffix(args, dataset, ckpt))
     for k, v in encoder.state_dict().items():  # frozen means frozen, BatchNorm buffers included

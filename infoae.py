@@ -53,11 +53,10 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   (--cluster-scale 0.35) and change contrast and brightness (--cluster-jitter 0.5): what
   survives them (slant, width, how light an image is) would otherwise split a class.
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
-  C are one DDP module (MinPlayers), the critics another (Critics).
+  C are wrapped as one DDP module, the critics as another.
 """
 import contextlib
 import copy
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -165,8 +164,41 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# The networks (E is common.InfoAEEncoder, registered as ENCODERS["infoae"])
+# The networks
 # ----------------------------------------------------------------------------------------
+class InfoAEEncoder(nn.Module):
+    """InfoAE's encoder E (arXiv:1904.08613, §2): strided convs, no pooling, BatchNorm on every layer
+    but the first and the last. conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w (BN, leaky ReLU)
+    -> conv 4x4/2 4w (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU) -> linear y_dim.
+
+    Taps: c1 (H/2), c2 (H/4), conv (H/8, last conv), fc, y (the latent l_e = E(x) that the
+    decoder, the classifier and the self critic read; the representation eval_probe.py probes).
+    `width` is w (64 in the DCGAN-sized setting; infoae.py uses less on CPU).
+    """
+    def __init__(self, in_channels=1, image_size=32, y_dim=64, width=64, fc_dim=1024, slope=0.2):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.c3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 8
+        self.fc = nn.Sequential(nn.Linear(4 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.out = nn.Linear(fc_dim, y_dim)
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        conv = self.c3(c2)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "c2": c2, "conv": conv, "fc": fc, "y": self.out(fc)}
+
+
+ENCODERS = {"infoae": InfoAEEncoder}  # for eval_probe.py
+
+
 class Decoder(nn.Module):
     """Dec: latent -> image. fc to (4w, H/8, H/8) (BN, ReLU) -> upconv 4x4/2 2w (BN, ReLU)
     -> upconv 4x4/2 w (BN, ReLU) -> upconv 4x4/2 channels, tanh (images live in [-1, 1])."""
@@ -270,10 +302,10 @@ class LatentCritic(nn.Module):
 def build_networks(args, image_shape):
     """The encoder's config (saved in the checkpoint) and the six networks by name."""
     channels, size, _ = image_shape
-    enc_cfg = common.encoder_config("infoae", image_shape, args.latent_dim)
+    enc_cfg = common.encoder_config("infoae", image_shape, args.latent_dim, ENCODERS)
     enc_cfg.update(width=args.width)
     nets = {
-        "encoder": common.build_encoder(enc_cfg),
+        "encoder": common.build_encoder(enc_cfg, ENCODERS),
         "decoder": Decoder(args.latent_dim, channels, size, args.width),
         "generator": Generator(args.z_dim, args.categories, args.latent_dim, args.hidden),
         "classifier": Classifier(args.latent_dim, args.categories, args.hidden),
@@ -293,7 +325,7 @@ TERM_FLAGS = {"rec": "--rec-weight", "dec_gen": "--alpha", "dec_rec": "--alpha",
               "gen_lat": "--latent-adv-gen", "clu_mi": "--cluster-mi"}
 
 
-def check_finite(loss, terms, nets, step, args, what="loss"):
+def check_losses_finite(loss, terms, nets, step, args, what="loss"):
     """common.check_finite with this script's hint: which terms are not finite, which
     networks' weights or BatchNorm statistics are (the one that blew up in an earlier update),
     and this script's flags to try."""
@@ -416,35 +448,6 @@ def critic_terms(nets, x, t, sigma=0.0):
     return {"dis": dis, "sc": sc, "lat": lat}
 
 
-class MinPlayers(nn.Module):
-    """E, Dec, G and C as one module whose forward is min_player_terms, so that under torchrun
-    one DistributedDataParallel wrapper sees one forward and one backward per step (each
-    network is used several times inside it; DDP only needs each gradient once per backward).
-    Dis, SC and LC are held in a plain dict, not as submodules: they are frozen here and
-    belong to Critics."""
-
-    def __init__(self, nets):
-        super().__init__()
-        self.players = nn.ModuleDict({k: nets[k] for k in MIN_PLAYERS})
-        self.critics = {k: nets[k] for k in CRITICS}
-
-    def forward(self, x, z, c, sigma=0.0, clustering=Clustering()):
-        return min_player_terms({**self.players, **self.critics}, x, z, c, sigma, clustering)
-
-
-class Critics(nn.Module):
-    """Dis, SC and LC as one module whose forward is critic_terms (one DDP wrapper, one
-    backward of dis + sc + lat: their parameters and inputs are disjoint, so each gets its own
-    gradient)."""
-
-    def __init__(self, nets):
-        super().__init__()
-        self.nets = nn.ModuleDict({k: nets[k] for k in CRITICS})
-
-    def forward(self, x, t, sigma=0.0):
-        return critic_terms(self.nets, x, t, sigma)
-
-
 # ----------------------------------------------------------------------------------------
 # Evaluation and pictures
 # ----------------------------------------------------------------------------------------
@@ -520,9 +523,8 @@ def save_pictures(run, nets, data, args, device, n_cols=10):
 # Training
 # ----------------------------------------------------------------------------------------
 def train(args):
-    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    common.set_precision(device, args.deterministic)
-    common.seed_everything(args.seed)
+    device, rank, world = common.start(args)  # world > 1 under torchrun
+    main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     enc_cfg, nets = build_networks(args, data.image_shape)
@@ -533,7 +535,7 @@ def train(args):
     optimizers = {"opt": adam(MIN_PLAYERS), "dis_opt": adam(["discriminator"]),
                   "sc_opt": adam(["self_critic"]), "lat_opt": adam(["latent_critic"])}
     acc_random_init = None  # the monitor's baseline: the untrained networks
-    if args.eval_every and rank == 0:
+    if args.eval_every and main_process:
         with torch.random.fork_rng(devices=[]):  # recalibrating draws STL-10's crops
             untrained = {**nets, "encoder": copy.deepcopy(nets["encoder"])}
             acc_random_init = cluster_test_accuracy(untrained, data, device)[0]
@@ -541,110 +543,102 @@ def train(args):
     if args.epochs is None:  # the recipe's: a number of steps, whatever the data's size
         args.epochs = common.epochs_for_steps(RECIPE_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(args, SCRIPT, nets, optimizers)
-    run = common.Run(SCRIPT, args, run_dir)
+    run = common.Run(SCRIPT, args, run_dir, elapsed)
     common.convert_sync_bn(nets.values(), args.sync_bn, world, device)
-    # compiled views for speed, grouped by backward pass and DDP-wrapped under torchrun; the
-    # plain modules are what gets saved, evaluated and frozen
-    fast = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}
-    players = common.wrap_ddp(MinPlayers(fast), device)
-    critics_net = common.wrap_ddp(Critics(fast), device)
+    # the networks as the step calls them (compiled); the plain ones are saved, evaluated and
+    # frozen. Under torchrun each side's terms are the forward of one DDP module.
+    step_nets = {k: common.maybe_compile(m, args.compile) for k, m in nets.items()}
+    critic_nets = {k: step_nets[k] for k in CRITICS}
+    min_player_terms_step = common.ddp_function(
+        min_player_terms, {k: step_nets[k] for k in MIN_PLAYERS}, device, others=critic_nets)
+    critic_terms_step = common.ddp_function(critic_terms, critic_nets, device)
     clustering = (Clustering(args.cluster_balance, args.cluster_views, args.cluster_shear,
                              args.cluster_scale, args.cluster_jitter) if args.cluster_mi > 0 else None)
-    if world > 1:  # DDP gave every rank rank 0's weights; now each draws its own z and c
+    if world > 1:  # DDP gave every process the main one's weights; now each draws its own z, c
         torch.manual_seed(args.seed + rank)
-    quiet = args.no_progress or rank > 0
-    if rank == 0:
+    if main_process:
         print(f"run folder: {run.dir}  device: {device}  data: {data.name} "
               f"{len(data.train_x)} train / {len(data.test_x)} test  processes: {world}  "
               f"alpha={args.alpha} beta={args.beta} gamma={args.gamma} "
               f"latent_adv={args.latent_adv}/{args.latent_adv_gen} cluster_mi={args.cluster_mi}")
 
-    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stats, acc, shown = {}, float("nan"), {}  # shown: the latest monitor, in the progress bar
     total_steps = args.epochs * data.n_batches("train", args.batch_size // world, drop_last=True,
                                                world_size=world)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    out_of_steps = lambda: bool(args.max_steps and step >= args.max_steps)
     for epoch in range(start_epoch, args.epochs):
-        if args.max_steps and step >= args.max_steps:
+        if out_of_steps():
             break
-        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on resume
-        sums, n_steps = {}, 0
-        per_rank = args.batch_size // world  # --batch-size is the global batch
-        bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=gen,
-                                           drop_last=True, rank=rank, world_size=world),
-                              total=data.n_batches("train", per_rank, drop_last=True,
-                                                   world_size=world),
-                              desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet)
+        _, bar = common.epoch_batches(data, args, epoch, f"epoch {epoch + 1}/{args.epochs}",
+                                      rank, world)
+        sums = {}
         for x, _ in bar:
             z, c = sample_prior(len(x), args.z_dim, args.z_scale, args.categories, device)
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
             # E, Dec, G, C: one step on the weighted sum, the critics frozen
             with common.autocast(device, args.amp):
-                terms, t = players(x, z, c, sigma, clustering)
+                terms, t = min_player_terms_step(x, z, c, sigma, clustering)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
-            check_finite(loss, terms, nets, step, args)
+            check_losses_finite(loss, terms, nets, step, args)
             optimizers["opt"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["opt"].step()
             # Dis, SC and LC: one step each on their own loss (inputs detached, so one
             # backward of the sum gives each its own loss's gradient)
             with common.autocast(device, args.amp):
-                critics = critics_net(x, t, sigma)
+                critic_losses = critic_terms_step(x, t, sigma)
             for k in ("dis_opt", "sc_opt", "lat_opt"):
                 optimizers[k].zero_grad(set_to_none=True)
-            critic_loss = critics["dis"] + critics["sc"] + critics["lat"]
-            check_finite(critic_loss, critics, nets, step, args, "the critics' loss")
+            critic_loss = critic_losses["dis"] + critic_losses["sc"] + critic_losses["lat"]
+            check_losses_finite(critic_loss, critic_losses, nets, step, args, "the critics' loss")
             critic_loss.backward()
             for k in ("dis_opt", "sc_opt", "lat_opt"):
                 optimizers[k].step()
-
             step += 1
-            n_steps += 1
+
             with torch.no_grad():
                 gen_acc = (nets["classifier"](t["l_g"].float()).argmax(1) == c).float().mean()
                 spread = {k + "_std": t[k].float().std(0).mean() for k in ("l_g", "l_e")}
-            logs = {**terms, **critics, **spread, "loss": loss, "gen_acc": gen_acc}
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix(rec=f"{terms['rec'].item():.3f}", dis=f"{critics['dis'].item():.2f}",
+            common.add_step(sums, {**terms, **critic_losses, **spread, "loss": loss, "gen_acc": gen_acc})
+            bar.set_postfix(rec=f"{terms['rec'].item():.3f}", dis=f"{critic_losses['dis'].item():.2f}",
                             cls=f"{terms['cls_enc'].item():.2f}", **shown)
-            if args.max_steps and step >= args.max_steps:
+            if out_of_steps():
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}  # rank 0's shard
-        if rank > 0:  # evaluation, logs and checkpoints are rank 0's
+        stats = common.means(sums)  # this process's batches
+        if not main_process:  # evaluation, logs and checkpoints are the main process's
             continue
-        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
-        if common.eval_due(args.eval_every, epoch, last):  # the monitor: cluster accuracy
+        last = epoch + 1 == args.epochs or out_of_steps()
+        due = common.eval_due(args.eval_every, epoch, last)
+        if due:  # the monitor: cluster accuracy
             acc, _, _ = cluster_test_accuracy(nets, data, device)
             stats["cluster_acc"] = acc
             shown["acc"] = f"{acc:.3f}"
         else:  # the encoder is saved recalibrated, watched or not
             common.recalibrate_batchnorm(nets["encoder"], data, device)
-        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        if common.eval_due(args.eval_every, epoch, last) or last:
-            common.plot_curves(run.metrics_path, run.path("curves.png"), ["cluster_acc"],
-                               {"cluster_acc": acc_random_init})
+        run.log(epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
+        if due or last:
+            run.plot(["cluster_acc"], {"cluster_acc": acc_random_init})
         if args.no_progress:
             print(f"epoch {epoch + 1}/{args.epochs}  step {step}  rec {stats['rec']:.4f}  "
                   f"dis {stats['dis']:.3f}  cls_enc {stats['cls_enc']:.3f}  lat {stats['lat']:.3f} "
                   + (f"clu_mi {stats['clu_mi']:.3f}  " if "clu_mi" in stats else "")
                   + f"test cluster acc {acc:.4f}")
-        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=nets["encoder"],
-                               encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
-                               step=step, modules={k: m for k, m in nets.items() if k != "encoder"},
-                               optimizers=optimizers, extra={"cluster_acc": acc},
-                               elapsed=time.time() - t0)
+        run.checkpoint(encoder=nets["encoder"], encoder_cfg=enc_cfg, args=args, data=data,
+                       epoch=epoch + 1, step=step,
+                       modules={k: m for k, m in nets.items() if k != "encoder"},
+                       optimizers=optimizers, extra={"cluster_acc": acc})
 
-    common.finish_distributed()  # the rest is rank 0's alone
-    if rank > 0:
+    common.finish_distributed()  # the rest is the main process's alone
+    if not main_process:
         return run
     acc, pred, labels = cluster_test_accuracy(nets, data, device)
     save_pictures(run, nets, data, args, device)
     run.log(step=step, test_cluster_acc=acc, cluster_acc_random_init=acc_random_init,
             cluster_sizes=np.bincount(pred, minlength=args.categories).tolist())
-    common.print_table([{"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
+    common.print_table([{"epochs": args.epochs, "steps": step, "minutes": run.elapsed() / 60,
                          **{k: stats[k] for k in ("rec", "dis", "sc", "lat", "cls_gen", "cls_enc")
                             if k in stats},
                          "test cluster acc": acc, "untrained": acc_random_init}],

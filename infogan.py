@@ -9,7 +9,7 @@ arXiv:1606.03657.
 L_I is the paper's variational lower bound on I(c; G(z, c)). Categorical codes use Q's
 softmax (their term is minus a cross-entropy), continuous codes a factored Gaussian Q(c|x).
 This script minimises the *information loss* lambda_cat * CE + lambda_cont * Gaussian NLL =
--(L_I - H(c)) summed over codes. D and Q share a trunk (common.InfoGANEncoder, saved as the
+-(L_I - H(c)) summed over codes. D and Q share a trunk (InfoGANEncoder, saved as the
 run's encoder: `python eval_probe.py CKPT` probes its conv, fc and y = Q's hidden layer). At
 the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one to the
 labels (paper: about 95% on MNIST), and a pixel classifier fitted to real images labels G's
@@ -56,7 +56,6 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
 import copy
-import time
 
 import numpy as np
 import torch
@@ -87,7 +86,7 @@ def parse_args(argv=None):
                         f"{PAPER_EPOCHS} epochs where the recipe runs {RECIPE_STEPS} steps)")
     p.add_argument("--lr-g", type=common.positive_float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
-    p.add_argument("--beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--adam-beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
     p.add_argument("--noise-dim", type=common.nonneg_int, default=62, help="size of the incompressible noise z")
     p.add_argument("--n-cat", type=common.nonneg_int, default=1, help="number of categorical codes c_cat")
     p.add_argument("--cat-dim", type=common.positive_int, default=10, help="categories per categorical code (K)")
@@ -133,7 +132,7 @@ def parse_args(argv=None):
                    help="columns per continuous code in the traversal grid (-2 .. 2)")
     p.add_argument("--image-every", type=common.positive_int, default=10,
                    help="write the PNG grids every this many epochs (and after the last)")
-    args = common.merge_resume_args(p, argv, p.parse_args(argv))
+    args = common.merge_resume_args(p, argv, p.parse_args(argv), renamed={"beta1": "adam_beta1"})
     for name, value in (PAPER if args.paper else RECIPE).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -159,16 +158,51 @@ class Codes:
         self.noise_dim, self.n_cat, self.cat_dim, self.n_cont = noise_dim, n_cat, cat_dim, n_cont
         self.input_dim = noise_dim + n_cat * cat_dim + n_cont
 
-    def sample(self, n, device, generator=None):
+    def sample(self, n, device, rng=None):
         """z ~ N(0, I), c_cat ~ Uniform{0..K-1} (N, n_cat) int, c_cont ~ U(-1, 1) (N, n_cont)."""
-        z = torch.randn(n, self.noise_dim, generator=generator).to(device)
-        cat = torch.randint(0, self.cat_dim, (n, self.n_cat), generator=generator).to(device)
-        cont = (torch.rand(n, self.n_cont, generator=generator) * 2 - 1).to(device)
+        z = torch.randn(n, self.noise_dim, generator=rng).to(device)
+        cat = torch.randint(0, self.cat_dim, (n, self.n_cat), generator=rng).to(device)
+        cont = (torch.rand(n, self.n_cont, generator=rng) * 2 - 1).to(device)
         return z, cat, cont
 
     def gen_input(self, z, cat, cont):
         onehot = F.one_hot(cat, self.cat_dim).float().flatten(1)  # (N, n_cat * K)
         return torch.cat([z, onehot, cont], 1)
+
+
+class InfoGANEncoder(nn.Module):
+    """InfoGAN's shared D/Q trunk plus Q's hidden layer (arXiv:1606.03657, App. C, MNIST architecture
+    scaled to `in_channels` and `image_size`): conv 4x4/2 w (leaky ReLU) -> conv 4x4/2 2w
+    (BN, leaky ReLU) -> fc fc_dim (BN, leaky ReLU); Q's hidden layer fc y_dim (BN, leaky ReLU).
+    The paper's sizes are w = 64, fc_dim = 1024, y_dim = 128.
+
+    Taps: c1 (H/2), conv (H/4, last conv), fc (the trunk's vector, which D's head reads),
+    y (Q's hidden layer, from which Q predicts the codes; the representation probed by
+    eval_probe.py). D's logit and Q's code outputs are the heads below.
+    """
+    maps = ("c1", "conv")
+    default_local = "c1"
+
+    def __init__(self, in_channels=1, image_size=32, y_dim=128, width=64, fc_dim=1024, slope=0.1):
+        super().__init__()
+        w = width
+        self.c1 = nn.Sequential(nn.Conv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(slope, inplace=True))
+        self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                nn.LeakyReLU(slope, inplace=True))
+        s = image_size // 4
+        self.fc = nn.Sequential(nn.Linear(2 * w * s * s, fc_dim, bias=False), nn.BatchNorm1d(fc_dim),
+                                nn.LeakyReLU(slope, inplace=True))
+        self.q_hidden = nn.Sequential(nn.Linear(fc_dim, y_dim, bias=False), nn.BatchNorm1d(y_dim),
+                                      nn.LeakyReLU(slope, inplace=True))
+
+    def forward(self, x):
+        c1 = self.c1(x)
+        conv = self.c2(c1)
+        fc = self.fc(conv.flatten(1))
+        return {"c1": c1, "conv": conv, "fc": fc, "y": self.q_hidden(fc)}
+
+
+ENCODERS = {"infogan": InfoGANEncoder}  # for eval_probe.py
 
 
 class Generator(nn.Module):
@@ -268,15 +302,15 @@ def traversal_inputs(codes, z, steps, lo=-2.0, hi=2.0):
 
 
 @torch.no_grad()
-def write_grids(generator, codes, fixed, run, epoch, steps):
+def write_grids(G, codes, fixed, run, epoch, steps):
     """The traversal grid and a 10x10 grid of random samples, both with fixed inputs."""
-    was_training = generator.training
-    generator.eval()
+    was_training = G.training
+    G.eval()
     g_in, (rows, cols) = traversal_inputs(codes, fixed["traversal_z"], steps)
-    common.save_image_grid(generator(g_in), run.path(f"traversal_epoch{epoch:03d}.png"), nrow=cols)
-    common.save_image_grid(generator(codes.gen_input(*fixed["samples"])),
+    common.save_image_grid(G(g_in), run.path(f"traversal_epoch{epoch:03d}.png"), nrow=cols)
+    common.save_image_grid(G(codes.gen_input(*fixed["samples"])),
                            run.path(f"samples_epoch{epoch:03d}.png"), nrow=10)
-    generator.train(was_training)
+    G.train(was_training)
 
 
 @torch.no_grad()
@@ -296,7 +330,7 @@ def cluster_accuracies(encoder, q_head, data, device, split="test"):
 
 
 @torch.no_grad()
-def generated_category_purity(generator, codes, data, device, n=2000, max_train=10000, seed=0):
+def generated_category_purity(G, codes, data, device, n=2000, max_train=10000, seed=0):
     """How far G's categories (the first categorical code) are digits: a logistic regression
     on raw pixels, fitted to (at most max_train) labelled real training images, labels n of G's
     samples, and the categories are matched one-to-one to those labels (Hungarian). A low
@@ -309,12 +343,12 @@ def generated_category_purity(generator, codes, data, device, n=2000, max_train=
     if len(keep) == 0:
         return None
     clf = LogisticRegression(max_iter=300).fit(pixels(data.train_x[keep]), data.train_y[keep].cpu().numpy())
-    was_training = generator.training
-    generator.eval()
-    z, cat, cont = codes.sample(n, device, generator=torch.Generator().manual_seed(seed))
-    seen = clf.predict(pixels(torch.cat([generator(g) for g in codes.gen_input(z, cat, cont).split(500)])))
-    generator.train(was_training)
-    return float(common.cluster_accuracy(cat[:, 0].cpu().numpy(), seen))
+    was_training = G.training
+    G.eval()
+    z, cat, cont = codes.sample(n, device, rng=torch.Generator().manual_seed(seed))
+    labelled = clf.predict(pixels(torch.cat([G(g) for g in codes.gen_input(z, cat, cont).split(500)])))
+    G.train(was_training)
+    return float(common.cluster_accuracy(cat[:, 0].cpu().numpy(), labelled))
 
 
 def dcgan_init(module):
@@ -332,58 +366,64 @@ def dcgan_init(module):
 # ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
+def seen(images, sigma, warp, rng):
+    """What D and Q read: each image warped (--warp), then noised (--instance-noise)."""
+    images = common.random_affine(images, rng=rng) if warp else images
+    return common.instance_noise(images, sigma, rng)
+
+
 def train(args):
-    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    common.set_precision(device, args.deterministic)
-    common.seed_everything(args.seed)
+    device, rank, world = common.start(args)  # world > 1 under torchrun
+    main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
     c, h, w = data.image_shape
     if h != w or h % 4:
         raise UserError(f"InfoGAN expects square images with a side divisible by 4, got {h}x{w}")
     codes = Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
-    enc_cfg = {**common.encoder_config("infogan", data.image_shape, y_dim=args.q_dim),
+    enc_cfg = {**common.encoder_config("infogan", data.image_shape, args.q_dim, ENCODERS),
                "width": args.width, "fc_dim": args.fc_dim}
-    encoder = common.build_encoder(enc_cfg).to(device)  # D/Q trunk + Q's hidden layer
-    generator = Generator(codes.input_dim, c, h, args.width, args.fc_dim).to(device)
+    encoder = common.build_encoder(enc_cfg, ENCODERS).to(device)  # D/Q trunk + Q's hidden layer
+    G = Generator(codes.input_dim, c, h, args.width, args.fc_dim).to(device)
     d_head = DHead(args.fc_dim).to(device)
     q_head = QHead(codes, args.q_dim, args.learn_cont_var).to(device)
-    for m in (encoder, generator, d_head, q_head):
+    for m in (encoder, G, d_head, q_head):
         dcgan_init(m)
     q_params = list(encoder.q_hidden.parameters()) + list(q_head.parameters())
     d_params = [p for n, p in encoder.named_parameters() if not n.startswith("q_hidden.")]
-    betas = (args.beta1, 0.999)
+    betas = (args.adam_beta1, 0.999)
     optimizers = {
         "opt_dq": common.adam([{"params": d_params + list(d_head.parameters()), "lr": args.lr},
                                {"params": q_params, "lr": args.lr_g}], lr=args.lr, betas=betas),
-        "opt_g": common.adam(generator.parameters(), lr=args.lr_g, betas=betas),
+        "opt_g": common.adam(G.parameters(), lr=args.lr_g, betas=betas),
     }
-    nets = {"generator": generator, "d_head": d_head, "q_head": q_head}
+    nets = {"generator": G, "d_head": d_head, "q_head": q_head}  # checkpoint keys
     acc_random_init = None  # the monitor's baseline: the untrained networks
-    if args.n_cat and args.eval_every and rank == 0:
+    if args.n_cat and args.eval_every and main_process:
         with torch.random.fork_rng(devices=[]):  # recalibrating draws STL-10's crops
             untrained = copy.deepcopy(encoder)
             common.recalibrate_batchnorm(untrained, data, device)
             acc_random_init = cluster_accuracies(untrained, q_head, data, device)[0]
-    noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per rank
+    noise_rng = torch.Generator().manual_seed(args.seed * 1000 + rank)  # other noise per process
     if args.epochs is None:  # the recipe's: a number of steps, whatever the data's size
         args.epochs = common.epochs_for_steps(RECIPE_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(
-        args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_gen})
-    run = common.Run("infogan", args, run_dir)
-    common.convert_sync_bn([encoder, generator, d_head, q_head], args.sync_bn, world, device)
-    # DDP / compiled views for training; the plain modules are what gets saved. G's step reads
-    # D and Q through the plain modules: it does not update them, and DDP would wait for
-    # their gradients.
-    enc, d_net, q_net, gen = (common.maybe_compile(common.wrap_ddp(m, device), args.compile)
-                              for m in (encoder, d_head, q_head, generator))
-    enc_g = enc if world == 1 else common.maybe_compile(encoder, args.compile)
+        args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_rng})
+    run = common.Run("infogan", args, run_dir, elapsed)
+    common.convert_sync_bn([encoder, G, d_head, q_head], args.sync_bn, world, device)
+    # the networks as the steps call them (DDP-wrapped, compiled); the plain ones are saved.
+    # G's step reads D and Q through the plain modules: it does not update them, and DDP
+    # would wait for their gradients.
+    encoder_step, d_head_step, q_head_step, G_step = (
+        common.maybe_compile(common.wrap_ddp(m, device), args.compile)
+        for m in (encoder, d_head, q_head, G))
+    encoder_g_step = encoder_step if world == 1 else common.maybe_compile(encoder, args.compile)
     # fixed inputs for the pictures, the same after --resume
-    g = torch.Generator().manual_seed(args.seed + 12345)
+    fixed_rng = torch.Generator().manual_seed(args.seed + 12345)
     fixed = {"traversal_z": torch.randn(1 if args.n_cont else args.traversal_steps,
-                                        args.noise_dim, generator=g).to(device),
-             "samples": codes.sample(100, device, generator=g)}
-    if rank == 0:
+                                        args.noise_dim, generator=fixed_rng).to(device),
+             "samples": codes.sample(100, device, rng=fixed_rng)}
+    if main_process:
         print(f"run folder: {run.dir}  device: {device}  data: {data.name} {len(data.train_x)} "
               f"train / {len(data.test_x)} test  codes: {args.n_cat} x Cat({args.cat_dim}) + "
               f"{args.n_cont} x U(-1,1) + z {args.noise_dim}  processes: {world}")
@@ -391,39 +431,31 @@ def train(args):
     lam = dict(lambda_cat=args.lambda_cat, lambda_cont=args.lambda_cont)
     per_epoch = data.n_batches("train", args.batch_size // world, drop_last=True, world_size=world)
     total_steps = min(args.epochs * per_epoch, args.max_steps or 10**12)
-    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
+    out_of_steps = lambda: bool(args.max_steps and step >= args.max_steps)
     stats, shown = {}, {}  # shown: the latest monitor, in the progress bar
     for epoch in range(start_epoch, args.epochs):
-        if args.max_steps and step >= args.max_steps:
+        if out_of_steps():
             break
-        shuffle_gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        sums, n_steps = {}, 0
-        per_rank = args.batch_size // world  # --batch-size is the global batch
-        bar = common.progress(data.batches("train", per_rank, shuffle=True, generator=shuffle_gen,
-                                           drop_last=True, rank=rank, world_size=world),
-                              total=data.n_batches("train", per_rank, drop_last=True, world_size=world),
-                              desc=f"epoch {epoch + 1}/{args.epochs}",
-                              disable=args.no_progress or rank > 0)
+        _, bar = common.epoch_batches(data, args, epoch, f"epoch {epoch + 1}/{args.epochs}",
+                                      rank, world)
+        sums = {}
         for x, _ in bar:
             n = len(x)
-            z, cat, cont = codes.sample(n, device, generator=noise_gen)
+            z, cat, cont = codes.sample(n, device, rng=noise_rng)
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
-
-            def seen(images):  # what D and Q read: warped (--warp), then noised (--instance-noise)
-                images = common.random_affine(images, generator=noise_gen) if args.warp else images
-                return common.instance_noise(images, sigma, noise_gen)
 
             # D and Q: real vs detached fake in one batch (shared BatchNorm statistics), and
             # recover the fake's codes
             with common.autocast(device, args.amp):
-                fake = gen(codes.gen_input(z, cat, cont))  # reused by G's step below
-                warped = [common.random_jitter(common.random_affine(x, generator=noise_gen),
-                                                 args.cluster_jitter, noise_gen)] if args.cluster_mi else []
-                out = enc(seen(torch.cat([x, fake.detach(), *warped])))
-                d_real, d_fake = d_net(out["fc"][:2 * n]).float().split(n)
+                fake = G_step(codes.gen_input(z, cat, cont))  # reused by G's step below
+                warped = [common.random_jitter(common.random_affine(x, rng=noise_rng), args.cluster_jitter,
+                                                 noise_rng)] if args.cluster_mi else []
+                out = encoder_step(seen(torch.cat([x, fake.detach(), *warped]), sigma, args.warp,
+                                        noise_rng))
+                d_real, d_fake = d_head_step(out["fc"][:2 * n]).float().split(n)
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 # Q reads the real images and their warps only for the clustering term
-                q_out = q_net(out["y"] if args.cluster_mi else out["y"][n:])
+                q_out = q_head_step(out["y"] if args.cluster_mi else out["y"][n:])
                 q_fake = tuple(t[n:2 * n] for t in q_out) if args.cluster_mi else q_out
                 i_loss, ce, nll = info_loss(q_fake, cat, cont, **lam)
                 dq_loss = d_loss + i_loss
@@ -437,7 +469,8 @@ def train(args):
 
             # G: fool D (non-saturating) and make the codes recoverable by Q
             with common.frozen(encoder, d_head, q_head), common.autocast(device, args.amp):
-                out = enc_g(seen(torch.cat([x, fake])))  # as D saw it, with new draws
+                # the batch as D saw it, with new draws
+                out = encoder_g_step(seen(torch.cat([x, fake]), sigma, args.warp, noise_rng))
                 g_gan = F.softplus(-d_head(out["fc"][n:]).float()).mean()
                 g_info, _, _ = info_loss(q_head(out["y"][n:]), cat, cont, **lam)
                 g_loss = g_gan + g_info
@@ -445,23 +478,21 @@ def train(args):
             optimizers["opt_g"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["opt_g"].step()
-
             step += 1
-            n_steps += 1
+
             logs = {"d_loss": d_loss, "g_gan": g_gan, "info_loss": i_loss, "cat_ce": ce,
                     "cont_nll": nll, "d_real": torch.sigmoid(d_real).mean(),
                     "d_fake": torch.sigmoid(d_fake).mean()}
             if args.cluster_mi:
                 logs["clu_mi"] = clu_mi
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            common.add_step(sums, logs)
             bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_gan.item():.3f}", ce=f"{ce.item():.3f}", **shown)
-            if args.max_steps and step >= args.max_steps:
+            if out_of_steps():
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}  # rank 0's batches
-        last = epoch + 1 == args.epochs or bool(args.max_steps and step >= args.max_steps)
+        stats = common.means(sums)  # this process's batches
+        last = epoch + 1 == args.epochs or out_of_steps()
         due = common.eval_due(args.eval_every, epoch, last)  # the monitor: cluster accuracy
-        if args.n_cat and rank == 0:  # I(c_cat; x) >= H(c_cat) - CE, in nats
+        if args.n_cat and main_process:  # I(c_cat; x) >= H(c_cat) - CE, in nats
             stats["mi_cat_lower_bound"] = args.n_cat * np.log(args.cat_dim) - stats["cat_ce"]
             if due:
                 stats["cluster_acc_mixed_bn"] = cluster_accuracies(encoder, q_head, data, device)[0]
@@ -469,25 +500,22 @@ def train(args):
             if due:
                 stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
                 shown["acc"] = f"{stats['cluster_acc']:.3f}"
-        if rank == 0 and ((epoch + 1) % args.image_every == 0 or last):
-            write_grids(generator, codes, fixed, run, epoch + 1, args.traversal_steps)
-        run.log(epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        if rank == 0 and (due or last):
-            common.plot_curves(run.metrics_path, run.path("curves.png"),
-                               ["cluster_acc", "cluster_acc_mixed_bn"], {"cluster_acc": acc_random_init})
-        common.save_checkpoint(run.path("checkpoint.pt"), script="infogan", encoder=encoder,
-                               encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
-                               step=step, modules=nets, optimizers=optimizers,
-                               generators={"noise": noise_gen}, elapsed=time.time() - t0)
+        if main_process and ((epoch + 1) % args.image_every == 0 or last):
+            write_grids(G, codes, fixed, run, epoch + 1, args.traversal_steps)
+        run.log(epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
+        if due or last:
+            run.plot(["cluster_acc", "cluster_acc_mixed_bn"], {"cluster_acc": acc_random_init})
+        run.checkpoint(encoder=encoder, encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
+                       step=step, modules=nets, optimizers=optimizers, rngs={"noise": noise_rng})
 
-    common.finish_distributed()  # the rest is rank 0's alone
-    if rank > 0:
+    common.finish_distributed()  # the rest is the main process's alone
+    if not main_process:
         return run
-    summary = {"epochs": args.epochs, "steps": step, "minutes": (time.time() - t0) / 60,
+    summary = {"epochs": args.epochs, "steps": step, "minutes": run.elapsed() / 60,
                **{k: stats[k] for k in ("d_loss", "g_gan", "cat_ce", "cont_nll") if k in stats}}
     if args.n_cat:
         accs = cluster_accuracies(encoder, q_head, data, device)
-        purity = generated_category_purity(generator, codes, data, device)
+        purity = generated_category_purity(G, codes, data, device)
         run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
                 cluster_acc_random_init=acc_random_init, generated_category_purity=purity)
         if purity is not None:

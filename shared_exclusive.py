@@ -17,12 +17,12 @@ default) and critics. The paper drives I(S; Z) down with an adversary, - g D(joi
 measure of the dependence of S and Z, does it instead, computed exactly on every step.
 
     python shared_exclusive.py                     # colourful digits, CPU, about 8 min
-    python shared_exclusive.py --dataset colorful-mnist --probe mlp,whitened-mlp  # 20 + 20 epochs
+    python shared_exclusive.py --dataset colorful-mnist --probes sk-mlp,whitened-sk-mlp  # 20 + 20 epochs
 
 Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
 (the offline default): X is the white digit on a background colour, Y the digit drawn in a
-colour on white, the two colours drawn once (common.PAIR_DATA_SEED), independently, from 12
-hues (common.PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
+colour on white, the two colours drawn once (PAIR_DATA_SEED), independently, from 12
+hues (PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
 image, so S holds the digit's class and style; `--pairing same-class` pairs two drawings of
 one class, so S becomes a class code and the pairing is weak supervision.
 
@@ -30,7 +30,7 @@ Where this script fills gaps in or departs from the paper (the measurements behi
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Not given by the paper: stage 2's weights (stage 1's: local 1, global 0.5) and the epochs
   (36 + 24 on colourful digits, 20 + 20 on colourful-MNIST); `--max-steps` caps each stage.
-- S is whitened over the batch (common.Whitening; unbounded as in the paper, `--shared-norm
+- S is whitened over the batch (Whitening; unbounded as in the paper, `--shared-norm
   none`, the L1 term is paid off by shrinking S, not by removing colour), and 16-d, not the
   paper's 64: on colourful-MNIST a whitened 32-d S already read the background at 0.65.
 - The L1 term (summed over the code, averaged over the batch) has weight 3.0, not the
@@ -48,15 +48,16 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   conv`), Z's the 8x8 map before it (`--exclusive-local-layer c2`); on colourful-MNIST the
   4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X. The
   dot critic embeds 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
-- Evaluation: an MLP probe (one 200-unit hidden layer; `--probe linear`, or `whitened-mlp` on
-  PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background and foreground.
+- Evaluation: an MLP probe (scikit-learn's, one 200-unit hidden layer; `--probes linear`, or
+  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background
+  and foreground.
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
 """
 import argparse
+from dataclasses import dataclass
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -67,18 +68,26 @@ import common
 from common import UserError
 
 SCRIPT = "shared_exclusive"
+NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
+CODE = "y"  # the encoders' output tap that holds the code (S or Z), DIM's global feature
 REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_digit ...)
 # the encoder behind each --shared-norm / --exclusive-norm
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
 
 
-PROBES = ("mlp", "linear", "whitened-mlp")
+# sk-mlp is scikit-learn's MLPClassifier (eval_probe.py's mlp is a torch MLP with dropout)
+PROBES = ("sk-mlp", "linear", "whitened-sk-mlp")
+OLD_PROBES = {"mlp": "sk-mlp", "whitened-mlp": "whitened-sk-mlp"}  # their names in older checkpoints
 
 
 def probe_list(text):
-    """--probe: comma-separated probe names, each one of PROBES, none twice."""
+    """--probes: comma-separated probe names, each one of PROBES, none twice."""
     probes = [t for t in text.split(",") if t]
     bad = [t for t in probes if t not in PROBES]
+    renamed = [f"{t} is now {OLD_PROBES[t]}" for t in bad if t in OLD_PROBES]
+    if renamed:
+        raise argparse.ArgumentTypeError(f"{'; '.join(renamed)} (scikit-learn's MLP; eval_probe.py's "
+                                         "mlp is a torch MLP with dropout)")
     if bad or not probes or len(set(probes)) < len(probes):
         raise argparse.ArgumentTypeError(f"expected probes from {', '.join(PROBES)}, comma-separated "
                                          f"and each once, got {text!r}")
@@ -91,14 +100,14 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description="Shared and exclusive representations by MI estimation",
                               conflict_handler="resolve")
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=3)
-    p.add_argument("--dataset", default="colorful-digits", choices=common.PAIR_DATASETS,
+    p.add_argument("--dataset", default="colorful-digits", choices=PAIR_DATASETS,
                    help="pairs: colourful bundled digits (offline) or colourful MNIST")
     p.add_argument("--epochs", type=common.epochs_int, default=None,
                    help="epochs of stage 1, and of stage 2 unless --exclusive-epochs is given "
                         "(default: 36 on colorful-digits, 20 on colorful-mnist)")
     p.add_argument("--max-steps", type=common.positive_int, default=None,
                    help="stop each stage after this many optimisation steps (smoke tests)")
-    p.add_argument("--pairing", default="same-image", choices=common.PAIRINGS,
+    p.add_argument("--pairing", default="same-image", choices=PAIRINGS,
                    help="X and Y from one image (paper) or from two images of one class")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: shared encoders, 2: exclusive encoders (needs --shared-from), both")
@@ -142,7 +151,7 @@ def parse_args(argv=None):
                    help="stage 2 weight of the paper's GAN loss that drives I(S; Z) down (paper: 0.1; "
                         "off by default, --hsic does it here; see the docstring)")
     p.add_argument("--shared-norm", default="whiten", choices=list(NORM_ARCH),
-                   help="S whitened over the batch (common.Whitening; the default), standardised "
+                   help="S whitened over the batch (Whitening; the default), standardised "
                         "per dimension (BatchNorm without affine) or left unbounded (the paper)")
     p.add_argument("--exclusive-norm", default="whiten", choices=["none", "whiten"],
                    help="Z left as the encoder gives it or whitened over the batch like S")
@@ -151,18 +160,20 @@ def parse_args(argv=None):
                         "encoder step (stage 2)")
     p.add_argument("--embed-dim", type=common.width_int, default=256,
                    help="dot critic embedding width (DIM's 2048 is slow on a CPU)")
-    p.add_argument("--probe", default="mlp", type=probe_list, metavar="PROBE[,PROBE]",
+    p.add_argument("--probes", default="sk-mlp", type=probe_list, metavar="PROBE[,PROBE]",
                    help=f"classifier(s) of the evaluation table, from {', '.join(PROBES)}: the first "
                         "logs acc_<code>_<target>, the others acc_<code>_<target>_<probe> "
-                        "(whitened-mlp: the MLP on PCA-whitened codes, which reads what lies in "
-                        "directions of small variance)")
+                        "(sk-mlp: scikit-learn's MLPClassifier, one 200-unit layer; whitened-sk-mlp: "
+                        "the same on PCA-whitened codes, which reads what lies in directions of "
+                        "small variance)")
     p.add_argument("--n-queries", type=common.positive_int, default=4,
                    help="query images per domain in the nearest-neighbour PNG")
     p.add_argument("--knn-rule", default="weighted", choices=common.KNN_RULES,
                    help="the monitor's k-NN (k=20): weighted by exp(cosine / 0.07) as in "
                         "solo-learn, or scikit-learn's uniform vote (runs before 2026-12-06)")
     args = common.merge_resume_args(p, argv, p.parse_args(argv),
-                                    (*common.RESUME_SAFE, "exclusive_epochs"))
+                                    (*common.RESUME_SAFE, "exclusive_epochs"), {"probe": "probes"})
+    args.probes = [OLD_PROBES.get(name, name) for name in args.probes]
     if args.exclusive_epochs is None:  # --epochs, when given, sets both stages
         args.exclusive_epochs = args.epochs or {"colorful-digits": 24}.get(args.dataset, 20)
     if args.epochs is None:
@@ -178,31 +189,249 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
+# Data: colourful digit pairs
+# ----------------------------------------------------------------------------------------
+# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
+# same construction on the bundled digits. X = white digit on a coloured background, Y = the
+# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
+PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
+PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
+PAIRINGS = ["same-image", "same-class"]
+PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
+PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
+# The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
+# orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
+PALETTE = torch.tensor([[255, 0, 0], [255, 128, 0], [255, 255, 0], [128, 255, 0], [0, 255, 0],
+                        [0, 255, 128], [0, 255, 255], [0, 128, 255], [0, 0, 255], [128, 0, 255],
+                        [255, 0, 255], [255, 0, 128]], dtype=torch.uint8)
+
+
+def same_class_partners(labels, rng):
+    """For every image, a different image of the same class (uniformly among them)."""
+    partner = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) < 2:
+            raise UserError(f"class {int(c)} has a single image; same-class pairing needs two")
+        # a random cyclic shift of a random order: every image gets another image of its class
+        order = idx[torch.randperm(len(idx), generator=rng)]
+        shift = int(torch.randint(1, len(idx), (1,), generator=rng))
+        partner[order] = order.roll(shift)
+    return partner
+
+
+def colorize_pairs(gray, labels, pairing="same-image", rng=None):
+    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
+
+    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
+    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
+       (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
+    Labels (N, 3): digit, background colour index, foreground colour index.
+    """
+    if pairing not in PAIRINGS:
+        raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    n = len(gray)
+    bg = torch.randint(0, len(PALETTE), (n,), generator=rng)
+    fg = torch.randint(0, len(PALETTE), (n,), generator=rng)
+    partner = torch.arange(n) if pairing == "same-image" else same_class_partners(labels, rng)
+    g_x = gray.float() / 255.0  # (N, 1, H, W) ink in [0, 1]
+    g_y = g_x[partner]
+    bg_rgb = PALETTE[bg].float()[:, :, None, None]  # (N, 3, 1, 1)
+    fg_rgb = PALETTE[fg].float()[:, :, None, None]
+    x = g_x * 255.0 + (1 - g_x) * bg_rgb
+    y = g_y * fg_rgb + (1 - g_y) * 255.0
+    to_u8 = lambda t: t.round().clamp_(0, 255).to(torch.uint8)
+    return to_u8(x), to_u8(y), torch.stack([labels, bg, fg], 1)
+
+
+@dataclass
+class PairData:
+    """Train/test image pairs (X, Y) as uint8 tensors with labels (N, 3): PAIR_LABELS."""
+    name: str
+    pairing: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    train_labels: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_labels: torch.Tensor
+    device: torch.device = None  # where batches() delivers, as Data's
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "train_labels", "test_x", "test_y", "test_labels"):
+            setattr(self, k, getattr(self, k).to(device))
+        self.device = device
+        return self
+
+    def batches(self, split, batch_size, shuffle=False, rng=None, drop_last=False,
+                rank=0, world_size=1):
+        """Yield (X, Y) as floats in [-1, 1] and their labels (B, 3), on `self.device`.
+        Under torchrun each rank takes its own slice of the (shared) order, as Data.batches."""
+        x, y, lab = ((self.train_x, self.train_y, self.train_labels) if split == "train" else
+                     (self.test_x, self.test_y, self.test_labels))
+        device = self.device or x.device
+        for idx in common.batch_indices(len(x), batch_size, shuffle, rng, drop_last, rank,
+                                 world_size, x.device):
+            xb, yb, lb = (t[idx].to(device, non_blocking=True) for t in (x, y, lab))
+            yield xb.float().div_(127.5).sub_(1.0), yb.float().div_(127.5).sub_(1.0), lb
+
+    def n_batches(self, split, batch_size, drop_last=False, world_size=1):
+        return common.count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
+                             drop_last, world_size)
+
+    def domain(self, which, label="digit"):
+        """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
+        generic tools (extract_features, eval_probe) can use it."""
+        col = PAIR_LABELS.index(label)
+        tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
+        n_classes = 10 if label == "digit" else len(PALETTE)
+        return common.Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
+                    device=self.device)
+
+
+def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="same-image",
+                   seed=PAIR_DATA_SEED, image_size=None, max_device_bytes=4 << 30):
+    """Colourful pairs built from a grayscale dataset (`common.load_data` of PAIR_SOURCES[name]);
+    the same (name, pairing, seed, image_size) always gives the same pairs."""
+    if name not in PAIR_SOURCES:
+        raise UserError(f"unknown pair dataset {name!r}; choose one of {', '.join(PAIR_DATASETS)}")
+    gray = common.load_data(PAIR_SOURCES[name], root, torch.device("cpu"), image_size)  # offline error comes from here
+    rng = torch.Generator().manual_seed(seed)
+    tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, rng)
+    vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, rng)
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
+    nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
+    if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
+        data.to(device)
+    return data
+
+
+def probe_data(ckpt, root, device, label="digit"):
+    """The data eval_probe.py probes one of this script's encoders on: the domain its
+    checkpoint's `extra` names (pair_domain, pairing, pair_seed), labelled by `label`."""
+    extra = ckpt["extra"]
+    if extra.get("pair_domain") not in ("x", "y"):
+        raise UserError(f"the checkpoint names no pair domain ({extra.get('pair_domain')!r}); pass "
+                        "--dataset to probe its encoder on another dataset")
+    return load_pair_data(ckpt["dataset"], root, device, extra["pairing"], extra["pair_seed"],
+                          ckpt["image_shape"][-1]).domain(extra["pair_domain"], label)
+
+
+# ----------------------------------------------------------------------------------------
+# Encoders: DIM's, with the code standardised or whitened over the batch
+# ----------------------------------------------------------------------------------------
+class StandardizedDCGANEncoder(common.DCGANEncoder):
+    """DCGANEncoder whose code y is standardised per dimension (BatchNorm without affine
+    parameters: batch statistics in training, running ones in eval), so its scale is fixed.
+    The shared code S: an unbounded S lets the critics' first layers undo
+    any scale, and a penalty on |S_X - S_Y| is then paid off by shrinking S (or by a large
+    constant part) instead of by removing what X and Y do not share."""
+
+    def __init__(self, in_channels=3, image_size=32, y_dim=64, fc_dim=1024):
+        super().__init__(in_channels, image_size, y_dim, fc_dim)
+        self.y_norm = self.norm(y_dim)
+
+    @staticmethod
+    def norm(dim):
+        return nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["y"] = self.y_norm(out["y"])
+        return out
+
+
+class Whitening(nn.Module):
+    """Batch whitening of a code (W-MSE, Ermolov et al. 2021; Decorrelated BatchNorm, Huang et
+    al. 2018): out = L^-1 (y - mean), L the Cholesky factor of the covariance, so *every*
+    direction of the output has unit variance, not only every coordinate (per-dimension
+    BatchNorm lets a code keep information in directions of tiny variance). Cholesky rather
+    than ZCA: the gradient of an eigendecomposition blows up on near-equal eigenvalues, which a
+    whitened code has by design (W-MSE's reason too).
+
+    Training: the batch's own mean and covariance, gradients flowing through both, so the
+    batch's output is exactly white whatever the code does; the batch must be larger than
+    the code (W-MSE: twice). Eval: running mean and covariance, a fixed affine map.
+    """
+
+    def __init__(self, dim, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, y):
+        y = y.float()
+        if self.training:
+            if len(y) <= y.shape[1]:
+                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
+                                f"{y.shape[1]} samples, got {len(y)}")
+            mean = y.mean(0)
+            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
+            with torch.no_grad():
+                # a plain average over the first 1/momentum batches, then a moving one: the
+                # identity it starts from would linger as a floor under small directions
+                self.num_batches_tracked += 1
+                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_cov.lerp_(cov.detach(), m)
+        else:
+            mean, cov = self.running_mean, self.running_cov
+        # a tiny ridge, relative to the mean variance, for numerical safety only
+        eye = torch.eye(len(cov), device=cov.device)
+        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
+        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
+
+
+class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
+    """The same encoder with its code y whitened (`Whitening`) instead of standardised:
+    `--shared-norm whiten`, so that S cannot hide what the L1 pull
+    should remove in directions of small variance."""
+
+    norm = Whitening
+
+
+ENCODERS = {**common.ENCODERS, "dcgan-std": StandardizedDCGANEncoder,
+            "dcgan-white": WhitenedDCGANEncoder}
+
+
+# ----------------------------------------------------------------------------------------
 # The method: cross MI (stage 1), MI of R = (S, Z) plus the S-Z adversary (stage 2)
 # ----------------------------------------------------------------------------------------
-class SZDiscriminator(common.PriorDiscriminator):
+class SZDiscriminator(nn.Module):
     """Tells the joint (S, Z) (logit > 0) from (S, Z shuffled across the batch); the same
     1000-200-1 MLP as DIM's prior discriminator, on the concatenation."""
 
+    def __init__(self, dim, hidden=(1000, 200)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden[0]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden[1], 1))
+
     def forward(self, s, z):
-        return super().forward(torch.cat([s, z], 1).float())
+        return self.net(torch.cat([s, z], 1).float()).squeeze(-1)
 
 
-def shuffle_across_batch(z, generator=None):
+def shuffle_across_batch(z, rng=None):
     """Z rows moved along a random cycle: row i gets the Z of another sample, never its own,
     so (S, shuffled Z) is a draw from the product of marginals with no pair left intact."""
     n = z.shape[0]
-    order = torch.randperm(n, generator=generator).to(z.device)
+    order = torch.randperm(n, generator=rng).to(z.device)
     perm = torch.empty_like(order)
     perm[order] = order.roll(1)
     return z[perm]
 
 
-def sz_disc_loss(disc, s, z, generator=None):
+def sz_disc_loss(disc, s, z, rng=None):
     """Discriminator side: joint (S, Z) is labelled 1, shuffled 0 (encoders detached)."""
     s, z = s.detach(), z.detach()
     return (F.softplus(-disc(s, z)).mean()
-            + F.softplus(disc(s, shuffle_across_batch(z, generator))).mean())
+            + F.softplus(disc(s, shuffle_across_batch(z, rng))).mean())
 
 
 def sz_encoder_loss(disc, s, z):
@@ -244,10 +473,11 @@ def build_networks(args, image_shape, device):
     """Encoders and critics of both stages (all built, so every checkpoint has every key).
     Stage 1's are initialised first from the global seed and stage 2's from a stream of their
     own, so a stage-2 flag (--exclusive-dim, say) leaves stage 1 exactly as it was."""
-    shared_cfg = common.encoder_config(NORM_ARCH[args.shared_norm], image_shape, args.shared_dim)
-    excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim)
-    enc = {f"shared_{d}": common.build_encoder(shared_cfg) for d in "xy"}
-    shapes = common.tap_shapes(enc["shared_x"], image_shape)
+    shared_cfg = common.encoder_config(NORM_ARCH[args.shared_norm], image_shape, args.shared_dim, ENCODERS)
+    excl_cfg = common.encoder_config(NORM_ARCH[args.exclusive_norm], image_shape, args.exclusive_dim,
+                                     ENCODERS)
+    encoders = {f"shared_{d}": common.build_encoder(shared_cfg, ENCODERS) for d in "xy"}
+    shapes = common.tap_shapes(encoders["shared_x"], image_shape)
     conv_dim = math.prod(shapes["conv"])
 
     def local_critic(dim, layer):
@@ -262,24 +492,24 @@ def build_networks(args, image_shape, device):
         critics[f"shared_global_critic_{d}"] = common.GlobalCritic(conv_dim, args.shared_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1_000_003)
-        enc.update({f"exclusive_{d}": common.build_encoder(excl_cfg) for d in "xy"})
+        encoders.update({f"exclusive_{d}": common.build_encoder(excl_cfg, ENCODERS) for d in "xy"})
         for d in "xy":
             critics[f"exclusive_local_critic_{d}"] = local_critic(r_dim, args.exclusive_local_layer)
             critics[f"exclusive_global_critic_{d}"] = common.GlobalCritic(conv_dim, r_dim)
             critics[f"sz_disc_{d}"] = SZDiscriminator(r_dim)
-    for m in (*enc.values(), *critics.values()):
+    for m in (*encoders.values(), *critics.values()):
         m.to(device)
-    return enc, critics, {"shared": shared_cfg, "exclusive": excl_cfg}
+    return encoders, critics, {"shared": shared_cfg, "exclusive": excl_cfg}
 
 
-def shared_step(x, y, enc, critics, bound, args, gather=None):
+def shared_step(img_x, img_y, encoders, critics, bound, args, gather=None):
     """Stage 1 loss: cross MI (local and global, both directions) and the L1 term.
     `gather` (common.gather_batch under torchrun) draws the critics' negatives from every
     process's batch."""
-    out_x, out_y = enc["shared_x"](x), enc["shared_y"](y)
-    s_x, s_y = out_x["y"], out_y["y"]  # (N, shared_dim): S_X, S_Y
+    out_x, out_y = encoders["shared_x"](img_x), encoders["shared_y"](img_y)
+    s_x, s_y = out_x[CODE], out_y[CODE]  # (N, shared_dim): S_X, S_Y
     logs = {}
-    loss = torch.zeros((), device=x.device)
+    loss = torch.zeros((), device=img_x.device)
     for d, out, s_other in (("x", out_x, s_y), ("y", out_y, s_x)):
         if args.shared_local > 0:  # I(C(X); S_Y): (N, N, M*M) scores, positives on n == m
             critic = critics[f"shared_local_critic_{d}"]
@@ -294,17 +524,17 @@ def shared_step(x, y, enc, critics, bound, args, gather=None):
     return loss, logs, {}
 
 
-def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
+def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, memory=None):
     """Stage 2 loss: MI of R = (S, Z) with the image, and the penalties on (S, Z).
     Returns the (S, Z) of each domain for the discriminator's own step. `memory` ({domain:
     [(S, Z) of recent batches]}, updated here) widens the HSIC term beyond one batch."""
     logs, sz = {}, {}
-    loss = torch.zeros((), device=x.device)
-    for d, img in (("x", x), ("y", y)):
+    loss = torch.zeros((), device=img_x.device)
+    for d, img in (("x", img_x), ("y", img_y)):
         with torch.no_grad():  # frozen shared encoder (kept in eval mode by the caller)
-            s = enc[f"shared_{d}"](img)["y"]
-        out = enc[f"exclusive_{d}"](img)
-        z = out["y"]  # (N, exclusive_dim)
+            s = encoders[f"shared_{d}"](img)[CODE]
+        out = encoders[f"exclusive_{d}"](img)
+        z = out[CODE]  # (N, exclusive_dim)
         r = torch.cat([s, z], 1)  # R = (S, Z)
         if args.exclusive_local > 0:
             critic = critics[f"exclusive_local_critic_{d}"]
@@ -333,14 +563,14 @@ def exclusive_step(x, y, enc, critics, bound, args, gather=None, memory=None):
 # ----------------------------------------------------------------------------------------
 # Evaluation: classifiers on frozen S and Z, nearest neighbours
 # ----------------------------------------------------------------------------------------
-def representations(enc, pair, device, stages_done):
+def representations(encoders, pair, device, stages_done):
     """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y."""
     reps = {}
     for rep in REPS:
         if rep[0] == "Z" and 2 not in stages_done:
             continue
         d = rep[1].lower()
-        encoder = enc[("shared_" if rep[0] == "S" else "exclusive_") + d]
+        encoder = encoders[("shared_" if rep[0] == "S" else "exclusive_") + d]
         data = pair.domain(d)
         tr, _ = common.extract_features(encoder, data, "train", ("y",), device=device)
         te, _ = common.extract_features(encoder, data, "test", ("y",), device=device)
@@ -355,9 +585,9 @@ def probe_accuracy(kind, train_x, train_y, test_x, test_y, seed):
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    # whitened-mlp rescales every principal direction to unit variance first, so what lies in
+    # whitened-sk-mlp rescales every principal direction to unit variance first, so what lies in
     # directions of small variance weighs as much as the rest (where S kept colour: docs/shared_exclusive.md)
-    scale = PCA(whiten=True) if kind == "whitened-mlp" else StandardScaler()
+    scale = PCA(whiten=True) if kind == "whitened-sk-mlp" else StandardScaler()
     clf = make_pipeline(scale, MLPClassifier((200,), alpha=1e-3, max_iter=500, random_state=seed))
     clf.fit(train_x, train_y)
     return float(clf.score(test_x, test_y))
@@ -372,7 +602,7 @@ def evaluation_table(reps, pair, kind, seed):
     tr_lab, te_lab = pair.train_labels.cpu().numpy(), pair.test_labels.cpu().numpy()
     for rep, (tr, te) in reps.items():
         row = {"representation": rep[0] + "_" + rep[1]}
-        for col, target in enumerate(common.PAIR_LABELS):
+        for col, target in enumerate(PAIR_LABELS):
             # one BLAS thread: these fits are small, and threads spinning on a busy CPU made
             # them many times slower
             with warnings.catch_warnings(), threadpool_limits(1):
@@ -395,7 +625,7 @@ def evaluate(reps, pair, probes, seed):
     return metrics, tables
 
 
-def knn_monitor(enc, pair, device, parts, rule="weighted"):
+def knn_monitor(encoders, pair, device, parts, rule="weighted"):
     """The per-epoch monitor: k-NN test accuracy (by `rule`, common.knn_monitor's) of S on the
     digit and of Z on its domain's colour (X's background, Y's foreground), for the encoders
     of `parts`."""
@@ -404,7 +634,7 @@ def knn_monitor(enc, pair, device, parts, rule="weighted"):
         for d, colour in (("x", "background"), ("y", "foreground")):
             label = "digit" if part == "shared" else colour
             accs[f"knn_{rep}{d.upper()}_{label}"] = common.knn_monitor(
-                enc[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
+                encoders[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
     return accs
 
 
@@ -431,7 +661,7 @@ def save_neighbours(reps, pair, path, n_queries, k=8):
 # ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
-def load_shared(path, enc, args):
+def load_shared(path, encoders, args):
     """Stage 2 alone: take both shared encoders from a run that did stage 1."""
     ckpt = common.load_checkpoint(path)
     extra = ckpt.get("extra", {})
@@ -441,8 +671,8 @@ def load_shared(path, enc, args):
         raise UserError(f"{path} was trained on {ckpt['dataset']} ({extra.get('pairing')}); pass "
                         f"the same --dataset and --pairing to stage 2")
     try:
-        enc["shared_x"].load_state_dict(ckpt["encoder"])
-        enc["shared_y"].load_state_dict(ckpt["modules"]["shared_y"])
+        encoders["shared_x"].load_state_dict(ckpt["encoder"])
+        encoders["shared_y"].load_state_dict(ckpt["modules"]["shared_y"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path} does not match these flags ({str(e).splitlines()[0][:120]}); "
                         "use the --shared-dim and --shared-norm of the stage 1 run") from None
@@ -451,42 +681,41 @@ def load_shared(path, enc, args):
 
 def pair_extra(args, domain, part, shared_done):
     """What eval_probe needs besides the dataset name to rebuild an encoder's data:
-    common.load_pair_domain(ckpt["dataset"], extra["pair_domain"], pairing=..., seed=...)."""
+    probe_data(ckpt, ...) reads it back."""
     return {"pair_domain": domain, "part": part, "pairing": args.pairing,
-            "pair_seed": common.PAIR_DATA_SEED, "shared_epochs_done": shared_done}
+            "pair_seed": PAIR_DATA_SEED, "shared_epochs_done": shared_done}
 
 
-def save_encoders(run, enc, cfgs, parts, args, pair, epoch, step, shared_done):
+def save_encoders(run, encoders, cfgs, parts, args, pair, epoch, step, shared_done):
     """shared_x.pt, shared_y.pt and/or exclusive_x.pt, exclusive_y.pt in the common format."""
     for part in parts:
         for d in "xy":
-            common.save_checkpoint(run.path(f"{part}_{d}.pt"), script=SCRIPT, encoder=enc[f"{part}_{d}"],
+            common.save_checkpoint(run.path(f"{part}_{d}.pt"), script=SCRIPT, encoder=encoders[f"{part}_{d}"],
                                    encoder_cfg=cfgs[part], args=args, data=pair.domain(d), epoch=epoch,
                                    step=step, extra=pair_extra(args, d, part, shared_done))
 
 
 def train(args):
-    device, rank, world = common.init_distributed(args.device)  # world > 1 under torchrun
-    common.set_precision(device, args.deterministic)
+    device, rank, world = common.start(args)  # world > 1 under torchrun
+    main_process = rank == 0  # the one that evaluates, logs and writes
     for part, norm, dim in (("shared", args.shared_norm, args.shared_dim),
                             ("exclusive", args.exclusive_norm, args.exclusive_dim)):
         if norm == "whiten" and args.batch_size // world <= dim:
             raise UserError(f"--{part}-norm whiten needs more than --{part}-dim {dim} samples per "
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
-    common.seed_everything(args.seed)
-    pair = common.load_pair_data(args.dataset, args.data_root, device, args.pairing,
-                                 image_size=args.image_size)
+    pair = load_pair_data(args.dataset, args.data_root, device, args.pairing,
+                          image_size=args.image_size)
     if args.n_queries > len(pair.test_x) - 8:  # each query shows its 8 nearest other images
         raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
                         f"images, so at most {len(pair.test_x) - 8} queries")
     common.check_batch(args.batch_size, world, len(pair.train_x))
-    enc, critics, cfgs = build_networks(args, pair.image_shape, device)
+    encoders, critics, cfgs = build_networks(args, pair.image_shape, device)
     # the monitor's baseline: the untrained encoders
-    knn_random_init = (knn_monitor(enc, pair, device, MONITORED[1] + MONITORED[2], args.knn_rule)
-                       if args.eval_every and rank == 0 else {})
-    shared_done = load_shared(args.shared_from, enc, args) if args.shared_from else 0
-    stage1 = [p for k, m in {**enc, **critics}.items() if k.startswith("shared") for p in m.parameters()]
-    stage2 = [p for k, m in {**enc, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
+    knn_random_init = (knn_monitor(encoders, pair, device, MONITORED[1] + MONITORED[2], args.knn_rule)
+                       if args.eval_every and main_process else {})
+    shared_done = load_shared(args.shared_from, encoders, args) if args.shared_from else 0
+    stage1 = [p for k, m in {**encoders, **critics}.items() if k.startswith("shared") for p in m.parameters()]
+    stage2 = [p for k, m in {**encoders, **critics}.items() if k.startswith("exclusive") for p in m.parameters()]
     optimizers = {"shared_opt": common.adam(stage1, lr=args.lr),
                   "exclusive_opt": common.adam(stage2, lr=args.lr),
                   "disc_opt": common.adam([p for d in "xy" for p in critics[f"sz_disc_{d}"].parameters()],
@@ -494,7 +723,7 @@ def train(args):
     # the epoch plan: (stage, epoch within the stage); a checkpoint's epoch counts plan entries
     plan = ([(1, e) for e in range(args.epochs)] if args.stage in ("1", "both") else []) + \
            ([(2, e) for e in range(args.exclusive_epochs)] if args.stage in ("2", "both") else [])
-    modules = {"encoder": enc["shared_x"], **{k: m for k, m in enc.items() if k != "shared_x"}, **critics}
+    modules = {"encoder": encoders["shared_x"], **{k: m for k, m in encoders.items() if k != "shared_x"}, **critics}
     run_dir, start, step, elapsed = common.resume_state(args, SCRIPT, modules, optimizers)
     if args.resume:
         shared_done = common.load_checkpoint(args.resume)["extra"].get("shared_epochs_done", 0)
@@ -502,23 +731,21 @@ def train(args):
             raise UserError(f"stage 1 of {args.resume} ended after {shared_done} epochs and stage 2 "
                             f"has begun: resume with --epochs {shared_done} (--exclusive-epochs "
                             "sets stage 2's)")
-    run = common.Run(SCRIPT, args, run_dir)
+    run = common.Run(SCRIPT, args, run_dir, elapsed)
     if args.shared_from and not args.resume:  # the run folder holds every encoder it used
-        save_encoders(run, enc, cfgs, ["shared"], args, pair, 0, 0, shared_done)
+        save_encoders(run, encoders, cfgs, ["shared"], args, pair, 0, 0, shared_done)
     bound = common.BOUNDS[args.loss]
-    common.convert_sync_bn([*enc.values(), *critics.values()], args.sync_bn, world, device)
-    # DDP / compiled views for training; the plain modules are what gets saved. Stage 2 runs
-    # the frozen shared encoders as plain modules (no gradient to synchronise).
-    fwd = {k: common.maybe_compile(common.wrap_ddp(m, device), args.compile)
-           for k, m in {**enc, **critics}.items()}
-    frozen = {**fwd, "shared_x": enc["shared_x"], "shared_y": enc["shared_y"]}
+    common.convert_sync_bn([*encoders.values(), *critics.values()], args.sync_bn, world, device)
+    # the networks as the steps call them (DDP-wrapped, compiled); the plain ones are saved.
+    # Stage 2 runs the frozen shared encoders as plain modules (no gradient to synchronise).
+    step_nets = {k: common.maybe_compile(common.wrap_ddp(m, device), args.compile)
+                 for k, m in {**encoders, **critics}.items()}
+    stage2_nets = {**step_nets, "shared_x": encoders["shared_x"], "shared_y": encoders["shared_y"]}
     gather = common.gather_batch  # negatives from every process's batch (identity on one)
-    per_rank = args.batch_size // world  # --batch-size is the global batch
-    if rank == 0:
+    if main_process:
         print(f"run folder: {run.dir}  device: {device}  data: {pair.name} ({pair.pairing}) "
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
-    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     stage_steps = {1: 0, 2: 0}
     hsic_memory = {}  # per domain, this process's recent (S, Z): refilled after a resume
     stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
@@ -528,79 +755,75 @@ def train(args):
         if args.max_steps and stage_steps[stage] >= args.max_steps:
             continue
         for d in "xy":  # stage 2 keeps the shared encoders frozen, BatchNorm statistics included
-            enc[f"shared_{d}"].train(stage == 1).requires_grad_(stage == 1)
-            enc[f"exclusive_{d}"].train(stage == 2)
+            encoders[f"shared_{d}"].train(stage == 1).requires_grad_(stage == 1)
+            encoders[f"exclusive_{d}"].train(stage == 2)
         opt = optimizers["shared_opt" if stage == 1 else "exclusive_opt"]
-        gen = torch.Generator().manual_seed(args.seed * 100003 + i)  # same order on resume
-        sums, n_steps = {}, 0
-        bar = common.progress(pair.batches("train", per_rank, shuffle=True, generator=gen,
-                                           drop_last=True, rank=rank, world_size=world),
-                              total=pair.n_batches("train", per_rank, drop_last=True, world_size=world),
-                              desc=f"stage {stage} epoch {epoch + 1}/{n_epochs}",
-                              disable=args.no_progress or rank > 0)
-        for x, y, _ in bar:
+        rng, bar = common.epoch_batches(pair, args, i, f"stage {stage} epoch {epoch + 1}/{n_epochs}",
+                                        rank, world)
+        sums = {}
+        for img_x, img_y, _ in bar:
             with common.autocast(device, args.amp):
                 if stage == 1:
-                    loss, logs, sz = shared_step(x, y, fwd, fwd, bound, args, gather)
+                    loss, logs, sz = shared_step(img_x, img_y, step_nets, step_nets, bound, args,
+                                                 gather)
                 else:
-                    loss, logs, sz = exclusive_step(x, y, frozen, fwd, bound, args, gather, hsic_memory)
-            common.check_finite(loss, step)
+                    loss, logs, sz = exclusive_step(img_x, img_y, stage2_nets, step_nets, bound,
+                                                    args, gather, hsic_memory)
+            common.check_finite(loss, step, "loss", NAN_HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             # the S-Z discriminator's own steps; Z is shuffled within each process's batch (a
             # product-of-marginals sample needs no other process's rows)
             for _ in range(args.disc_steps if stage == 2 and args.adversarial > 0 else 0):
-                d_loss = sum(sz_disc_loss(fwd[f"sz_disc_{d}"], *sz[d], gen) for d in "xy")
+                d_loss = sum(sz_disc_loss(step_nets[f"sz_disc_{d}"], *sz[d], rng) for d in "xy")
                 optimizers["disc_opt"].zero_grad(set_to_none=True)
                 d_loss.backward()
                 optimizers["disc_opt"].step()
                 logs["sz_disc"] = d_loss
             step += 1
             stage_steps[stage] += 1
-            n_steps += 1
+
             logs["loss"] = loss
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            common.add_step(sums, logs)
             bar.set_postfix(loss=f"{loss.item():.3f}", mi=f"{logs.get('local_mi_x', loss).item():.3f}",
                             **shown)
             if args.max_steps and stage_steps[stage] >= args.max_steps:
                 break
-        stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        stats = common.means(sums)
         if stage == 1:
             shared_done = epoch + 1
         last = epoch + 1 == n_epochs or bool(args.max_steps and stage_steps[stage] >= args.max_steps)
-        if rank == 0 and common.eval_due(args.eval_every, epoch, last):
-            monitor = knn_monitor(enc, pair, device, MONITORED[stage], args.knn_rule)
+        due = common.eval_due(args.eval_every, epoch, last)
+        if main_process and due:
+            monitor = knn_monitor(encoders, pair, device, MONITORED[stage], args.knn_rule)
             stats.update(monitor)
             watched.update(monitor)
             shown = {k.split("_")[1]: f"{v:.2f}" for k, v in monitor.items()}  # SX=0.95 ...
-        run.log(stage=stage, epoch=epoch + 1, step=step, time=time.time() - t0, **stats)
-        if rank == 0 and (common.eval_due(args.eval_every, epoch, last) or last):
-            common.plot_curves(run.metrics_path, run.path("curves.png"), list(knn_random_init),
-                               knn_random_init)
-        common.save_checkpoint(run.path("checkpoint.pt"), script=SCRIPT, encoder=enc["shared_x"],
-                               encoder_cfg=cfgs["shared"], args=args, data=pair.domain("x"),
-                               epoch=i + 1, step=step, modules={k: m for k, m in modules.items() if k != "encoder"},
-                               optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done),
-                               elapsed=time.time() - t0)
+        run.log(stage=stage, epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
+        if due or last:
+            run.plot(list(knn_random_init), knn_random_init)
+        run.checkpoint(encoder=encoders["shared_x"], encoder_cfg=cfgs["shared"], args=args,
+                       data=pair.domain("x"), epoch=i + 1, step=step,
+                       modules={k: m for k, m in modules.items() if k != "encoder"},
+                       optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done))
         # this stage's encoders, one checkpoint each: shared_*.pt stop changing after stage 1
-        save_encoders(run, enc, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
+        save_encoders(run, encoders, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
                       i + 1, step, shared_done)
 
-    common.finish_distributed()  # the rest is rank 0's alone
-    if rank > 0:
+    common.finish_distributed()  # the rest is the main process's alone
+    if not main_process:
         return run, {}
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
-    reps = representations(enc, pair, device, stages_done)
-    metrics, tables = evaluate(reps, pair, args.probe, args.seed)
-    run.log(step=step, probe=",".join(args.probe), **metrics,
+    reps = representations(encoders, pair, device, stages_done)
+    metrics, tables = evaluate(reps, pair, args.probes, args.seed)
+    run.log(step=step, probe=",".join(args.probes), **metrics,
             **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)
     for probe, rows in tables:
         common.print_table(rows, title=f"\n{probe} probe test accuracy on {pair.name} ({pair.pairing}), "
-                                       f"{step} steps, {(time.time() - t0) / 60:.1f} min "
-                                       f"(chance: digit 0.10, colours {1 / len(common.PALETTE):.3f})")
+                                       f"{step} steps, {run.elapsed() / 60:.1f} min "
+                                       f"(chance: digit 0.10, colours {1 / len(PALETTE):.3f})")
     if watched:
         common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}
                             for k, v in watched.items()])

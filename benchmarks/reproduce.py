@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 # method -> (script, flags). A dataset other than the bundled digits adds --dataset and
 # --data-root (shared_exclusive: the colourful pairs built from it, see PAIR_DATASETS).
-SE_PROBES = ["--probe", "mlp,whitened-mlp"]
+SE_PROBES = ["--probes", "sk-mlp,whitened-sk-mlp"]
 SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
             "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0",
             "--local-layer", "c2", "--exclusive-local-layer", "c2"]  # the paper names no layer
@@ -70,7 +70,7 @@ SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP pr
     "z_x_background": "acc_ZX_background", "z_y_foreground": "acc_ZY_foreground",
     "z_x_digit": "acc_ZX_digit", "z_y_digit": "acc_ZY_digit",
 }
-SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
+SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-sk-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
 
 
 def positive_int(s):
@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results.json", help="JSON written here")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="cap every run's steps (a smoke test of this script; not the recipes' numbers)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the raw-pixel baselines (minutes on 60,000 images), e.g. in calls "
+                        "that --merge joins to one that measured them")
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the run folders under DIR (default: a temporary folder)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -253,15 +256,16 @@ def markdown(results):
         for seed, m in results.get(method, {}).items():
             cells = [f"failed ({m['error']})"] if "error" in m else []
             if method.startswith("shared_exclusive") and "error" not in m:
-                cells = [shared_exclusive_cell(m, "") + "; whitened-mlp " + shared_exclusive_cell(m, "_whitened")]
+                cells = [shared_exclusive_cell(m, "") + "; whitened-sk-mlp " + shared_exclusive_cell(m, "_whitened")]
             for k in COLUMNS[method] if not cells else []:
                 base = m.get("untrained_" + k)
                 cells.append(f"{k} {m[k]:.3f}" + (f" (untrained {base:.3f})" if base is not None else ""))
             cmd = shlex.join(recipe_command(method, results["dataset"], "DIR", seed))
             lines.append(f"| {method} | `{cmd}` | {seed} | {', '.join(cells)} | {m['minutes']:.1f} |")
     b = results["baselines"]
-    knn = f", 20-NN {b['pixels_knn']:.3f}" if "pixels_knn" in b else ""
-    lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}{knn}, k-means {b['pixels_kmeans']:.3f} | |")
+    if b:
+        knn = f", 20-NN {b['pixels_knn']:.3f}" if "pixels_knn" in b else ""
+        lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}{knn}, k-means {b['pixels_kmeans']:.3f} | |")
     return "\n".join(lines)
 
 
@@ -278,6 +282,7 @@ def merge(paths):
         if results is None:
             results = part
             continue
+        results["baselines"] = results["baselines"] or part["baselines"]
         for key in ("dataset", "environment"):
             if part[key] != results[key]:
                 raise SystemExit(f"error: --merge {path}: {key} {part[key]} differs from {results[key]}")
@@ -306,7 +311,7 @@ def main(argv=None):
         return
     results = {"environment": environment(args.threads),
                "dataset": args.dataset, "data_root": args.data_root,
-               "baselines": pixel_baselines(args.dataset, args.data_root)}
+               "baselines": {} if args.no_baselines else pixel_baselines(args.dataset, args.data_root)}
     keep = args.keep_runs or tempfile.mkdtemp(prefix="reproduce-")
     for method in args.only:
         for seed in args.seeds:

@@ -4,9 +4,10 @@
     python benchmarks/speed.py --device cuda --amp   # the same on a GPU, bf16
     python benchmarks/speed.py --only dim --embed-dim 512   # trade critic width for speed
 
-For DIM the step is split into encoder (forward+backward), critics (forward+backward from
-detached features) and the bound itself (from a detached score tensor), each timed on its own
-after warm-up, with FLOPs counted by torch.utils.flop_counter. The other scripts are timed end
+For DIM the step is the script's own (its views() and train_step(), with the recipe's
+defaults), and its parts are timed apart: encoder (forward+backward), critics
+(forward+backward from detached features) and the bound itself (from a detached score tensor),
+each after warm-up, with FLOPs counted by torch.utils.flop_counter. The other scripts are timed end
 to end: the step time is read from time stamps of the optimiser steps of one run (set-up and
 final evaluation excluded), and the FLOPs of a step are the difference between a one-step and
 a two-step run under the FLOP counter (which is too slow to be timed itself). The matmul
@@ -83,30 +84,27 @@ def bench_dim(args, device, peak, variant):
     import dim_local
     module = dim_local if variant == "dim_local" else dim_global
     margs = module.parse_args(["--embed-dim", str(args.embed_dim)])
-    data = common.load_data("digits", device=device)
+    margs.amp = args.amp
     cfg = common.encoder_config("dcgan", (3, 32, 32), margs.y_dim)  # CIFAR-shaped input
     encoder = common.build_encoder(cfg).to(device)
     shapes = common.tap_shapes(encoder, (3, 32, 32), device)
-    nets = {k: m.to(device) for k, m in module.build_critics(margs, encoder, shapes, "c2").items()}
-    enc = common.maybe_compile(encoder, args.compile)
+    critics = {k: m.to(device) for k, m in module.build_critics(margs, encoder, shapes, "c2").items()}
+    optimizers = module.build_optimizers(encoder, critics, margs.lr)
+    # the networks as the script's step calls them (compiled with --compile)
+    step_nets = {k: common.maybe_compile(m, args.compile and not k.startswith("coord"))
+                 for k, m in {"encoder": encoder, **critics}.items()}
+    enc = step_nets["encoder"]
     critic_name = "local_critic" if variant == "dim_local" else "global_critic"
-    critic = common.maybe_compile(nets[critic_name], args.compile)
+    critic = step_nets[critic_name]
     tap = "c2" if variant == "dim_local" else "conv"
-    params = list(encoder.parameters()) + [p for m in nets.values() for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-4)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    bound = common.infonce_bound
+    x = torch.rand(args.batch_size, 3, 32, 32, device=device) * 2 - 1  # images in [-1, 1]
+    rng = torch.Generator().manual_seed(0)
+    bound = common.BOUNDS[margs.loss]
     amp = lambda: common.autocast(device, args.amp)
 
-    def full_step():
-        with amp():
-            out = enc(x)
-            loss = -bound(critic(out["y"], out[tap]))
-            if "prior_disc" in nets:
-                loss = loss + margs.gamma * common.prior_encoder_loss(nets["prior_disc"], out["y"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def full_step():  # the script's own: its views (augmentation) and its train_step
+        x_view, x_y = module.views(x, margs, rng)
+        module.train_step(step_nets, encoder, optimizers, x_view, x_y, margs, "c2", step=0)
 
     def encoder_only():
         with amp():

@@ -52,9 +52,9 @@ def main(argv=None):
     opt = common.adam(list(encoder.parameters()) + list(head.parameters()), lr=args.lr)
     # the schedule needs a length: the steps that fit the budget, estimated from the first 20
     step, t0, planned = 0, time.time(), args.steps
-    gen = torch.Generator().manual_seed(args.seed)
+    rng = torch.Generator().manual_seed(args.seed)
     while step < planned and time.time() - t0 < 60 * args.minutes:
-        for x, y in data.batches("train", args.batch_size, shuffle=True, generator=gen, drop_last=True):
+        for x, y in data.batches("train", args.batch_size, shuffle=True, rng=rng, drop_last=True):
             if step == 20:
                 planned = min(args.steps, int(20 * 60 * args.minutes / (time.time() - t0)))
             for group in opt.param_groups:

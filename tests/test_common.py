@@ -46,15 +46,15 @@ def test_batches_cover_the_split_once_in_range():
     data = common.load_data("digits")
     seen = torch.cat([y for _, y in data.batches("test", 64)])
     assert torch.equal(seen, data.test_y)
-    x, _ = next(data.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    x, _ = next(data.batches("train", 64, shuffle=True, rng=torch.Generator().manual_seed(0)))
     assert x.shape == (64, 1, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
     assert data.n_batches("train", 64, drop_last=True) == 1437 // 64
 
 
 def test_non_finite_loss_stops_with_the_step():
-    common.check_finite(torch.tensor(1.0), step=3)
-    with pytest.raises(common.UserError, match="at step 7"):
-        common.check_finite(torch.tensor(float("nan")), step=7)
+    common.check_finite(torch.tensor(1.0), 3, "loss", "lower --lr")
+    with pytest.raises(common.UserError, match="loss became nan at step 7; lower --lr"):
+        common.check_finite(torch.tensor(float("nan")), 7, "loss", "lower --lr")
 
 
 def test_checkpoint_roundtrip_rebuilds_the_encoder(tmp_path):
@@ -207,10 +207,10 @@ def test_random_affine_warps_each_digit_a_little():
     # a generator makes the warps reproducible (DIM and InfoGAN draw them from one they
     # checkpoint), and the warp passes gradients back to the image (G learns through it)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(common.random_affine(x, generator=g1), common.random_affine(x, generator=g2))
-    assert not torch.equal(common.random_affine(x, generator=g1), common.random_affine(x, generator=g2.manual_seed(6)))
+    assert torch.equal(common.random_affine(x, rng=g1), common.random_affine(x, rng=g2))
+    assert not torch.equal(common.random_affine(x, rng=g1), common.random_affine(x, rng=g2.manual_seed(6)))
     leaf = x.clone().requires_grad_()
-    common.random_affine(leaf, generator=g1)[:, :, 8:24, 8:24].sum().backward()
+    common.random_affine(leaf, rng=g1)[:, :, 8:24, 8:24].sum().backward()
     assert leaf.grad.abs().sum() > 0 and leaf.grad[:, :, 14:18, 14:18].abs().min() > 0
 
 

@@ -88,7 +88,7 @@ def test_batches_come_on_the_training_device_while_the_data_stay_on_the_cpu():
     meta = torch.device("meta")
     data = common.load_data("digits", device=meta, max_device_bytes=0)
     assert data.train_x.device.type == "cpu" and data.device == meta
-    batches = list(data.batches("train", 500, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    batches = list(data.batches("train", 500, shuffle=True, rng=torch.Generator().manual_seed(0)))
     assert [x.device for x, _ in batches] == [meta] * 3 and [y.device for _, y in batches] == [meta] * 3
     assert batches[0][0].shape == (500, 1, 32, 32) and batches[0][0].dtype == torch.float32
     assert common.load_data("digits", device=meta).train_x.device == meta  # under the limit: moved
@@ -102,7 +102,7 @@ TINY = {
     dim_global: ["--y-dim", "16"],
     infogan: ["--width", "8", "--fc-dim", "32", "--q-dim", "16"],
     infoae: ["--width", "4", "--hidden", "32"],
-    shared_exclusive: ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probe", "linear"],
+    shared_exclusive: ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear"],
 }
 
 
@@ -130,26 +130,26 @@ def test_training_on_data_left_on_the_cpu_moves_every_batch_and_changes_nothing(
             seen.append((x.device, y.device, self.device, self.train_x.device))
             yield x, y
 
-    pair_batches = common.PairData.batches
+    pair_batches = shared_exclusive.PairData.batches
 
     def watched_pair_batches(self, *a, **kw):
         for x, y, labels in pair_batches(self, *a, **kw):
             seen.append((x.device, labels.device, self.device, self.train_x.device))
             yield x, y, labels
 
-    for name in ("load_data", "load_pair_data"):
-        monkeypatch.setattr(common, name, functools.partial(getattr(common, name), max_device_bytes=0))
+    for module, name in ((common, "load_data"), (shared_exclusive, "load_pair_data")):
+        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), max_device_bytes=0))
     monkeypatch.setattr(common.Data, "batches", watched_batches)
-    monkeypatch.setattr(common.PairData, "batches", watched_pair_batches)
+    monkeypatch.setattr(shared_exclusive.PairData, "batches", watched_pair_batches)
     assert losses(tmp_path / "left_on_cpu") == expected
     assert seen and all(x == y == want for x, y, want, _ in seen)
 
 
 def test_pair_batches_come_on_the_training_device_while_the_pairs_stay_on_the_cpu():
     meta = torch.device("meta")
-    pair = common.load_pair_data("colorful-digits", device=meta, max_device_bytes=0)
+    pair = shared_exclusive.load_pair_data("colorful-digits", device=meta, max_device_bytes=0)
     assert pair.train_x.device.type == "cpu" and pair.device == meta
-    x, y, labels = next(pair.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    x, y, labels = next(pair.batches("train", 64, shuffle=True, rng=torch.Generator().manual_seed(0)))
     assert x.device == y.device == labels.device == meta and x.shape == (64, 3, 32, 32)
     assert pair.domain("x").device == meta
-    assert common.load_pair_data("colorful-digits", device=meta).train_x.device == meta
+    assert shared_exclusive.load_pair_data("colorful-digits", device=meta).train_x.device == meta

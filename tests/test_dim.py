@@ -108,7 +108,7 @@ def test_stl_style_crop_and_flip_stay_on_the_batch():
     data = common.Data("toy", torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8), torch.zeros(2),
                        torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1), 10, crop=4)
     g = torch.Generator().manual_seed(0)
-    x = data.preprocess(data.train_x, train=True, generator=g)
+    x = data.preprocess(data.train_x, train=True, rng=g)
     assert x.shape == (2, 3, 4, 4) and data.image_shape == (3, 4, 4)
     full = data.preprocess(data.train_x, train=False)
     assert full.shape == (2, 3, 4, 4)

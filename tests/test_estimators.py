@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import common
+import dim_local
 
 
 def gaussian_pairs(n, dim, rho, generator):
@@ -155,21 +156,21 @@ def test_gradients_reach_every_encoder_layer(critic):
 
 def test_prior_losses_pull_in_opposite_directions():
     torch.manual_seed(0)
-    disc = common.PriorDiscriminator(8)
+    disc = dim_local.PriorDiscriminator(8)
     y = torch.randn(32, 8, requires_grad=True)
-    common.prior_encoder_loss(disc, y).backward()
+    dim_local.prior_encoder_loss(disc, y).backward()
     enc_grad = y.grad.clone()
     y.grad = None
     # the discriminator loss on detached y gives y no gradient at all
-    common.prior_disc_loss(disc, y).backward()
+    dim_local.prior_disc_loss(disc, y).backward()
     assert y.grad is None and enc_grad.abs().sum() > 0
     # a discriminator that scores everything "real" leaves the encoder loss low, "fake" high
     with torch.no_grad():
         disc.net[-1].bias.fill_(10.0)
-    low = common.prior_encoder_loss(disc, y).item()
+    low = dim_local.prior_encoder_loss(disc, y).item()
     with torch.no_grad():
         disc.net[-1].bias.fill_(-10.0)
-    assert common.prior_encoder_loss(disc, y).item() > low + 5
+    assert dim_local.prior_encoder_loss(disc, y).item() > low + 5
 
 
 def test_dot_critic_scale_keeps_infonce_out_of_saturation_at_initialisation():

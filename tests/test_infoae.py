@@ -365,7 +365,7 @@ def test_script_runs_saves_and_resumes(tmp_path):
     ckpt = common.load_checkpoint(run.path("checkpoint.pt"))
     assert ckpt["script"] == "infoae" and ckpt["step"] == 3
     assert set(ckpt["modules"]) == set(NETS) - {"encoder"}
-    encoder = common.encoder_from_checkpoint(ckpt)  # what eval_probe.py does
+    encoder = common.encoder_from_checkpoint(ckpt, infoae.ENCODERS)  # what eval_probe.py does
     out = encoder.eval()(torch.zeros(2, 1, 32, 32))
     assert {"conv", "fc", "y"} <= set(out) and out["y"].shape == (2, 16)  # y is l_e (--latent-dim)
 
@@ -412,7 +412,7 @@ def test_runs_under_ddp_with_two_processes_ranks_agree_and_only_rank_0_writes(tm
     assert len(runs) == 1
     ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
     assert ckpt["step"] == 2
-    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
+    common.encoder_from_checkpoint(ckpt, infoae.ENCODERS)  # strict: a DDP "module." prefix would fail here
     _, nets = infoae.build_networks(argparse.Namespace(**ckpt["args"]), (1, 32, 32))
     for name, state in ckpt["modules"].items():
         nets[name].load_state_dict(state)  # strict, likewise

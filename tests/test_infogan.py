@@ -15,7 +15,7 @@ import infogan
 def test_info_loss_is_lower_when_q_recovers_the_codes():
     g = torch.Generator().manual_seed(0)
     codes = infogan.Codes(noise_dim=4, n_cat=2, cat_dim=10, n_cont=3)
-    _, cat, cont = codes.sample(256, "cpu", generator=g)
+    _, cat, cont = codes.sample(256, "cpu", rng=g)
     right_logits = 5 * F.one_hot(cat, 10).float()  # (N, 2, 10) peaked on the true category
     wrong_logits = 5 * F.one_hot((cat + 3) % 10, 10).float()
     logvar = torch.full_like(cont, -2.0)
@@ -108,7 +108,7 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     # the checkpoint alone rebuilds the encoder (as eval_probe.py does) with the promised taps
     ckpt = common.load_checkpoint(ckpt_path)
     assert ckpt["step"] == 60 and ckpt["encoder_cfg"]["arch"] == "infogan"
-    encoder = common.encoder_from_checkpoint(ckpt).eval()
+    encoder = common.encoder_from_checkpoint(ckpt, infogan.ENCODERS).eval()
     shapes = common.tap_shapes(encoder, (1, 32, 32))
     args = infogan.parse_args([])  # digits defaults: w = 32, fc 256 (the paper's 64, 1024)
     assert (args.width, args.fc_dim, args.q_dim) == (32, 256, 128)
@@ -122,7 +122,7 @@ def test_short_run_q_recovers_the_codes_and_resumes(tmp_path):
     q_head.load_state_dict(ckpt["modules"]["q_head"])
     gen.eval()
     g = torch.Generator().manual_seed(123)
-    z, cat, cont = codes.sample(2000, "cpu", generator=g)
+    z, cat, cont = codes.sample(2000, "cpu", rng=g)
     with torch.no_grad():
         logits, mu, _ = q_head(encoder(gen(codes.gen_input(z, cat, cont)))["y"])
     cat_acc = (logits.argmax(-1) == cat).float().mean().item()
@@ -159,7 +159,7 @@ def test_runs_under_torchrun_with_two_processes_and_only_rank_0_writes(tmp_path)
     assert [l["step"] for l in lines] == [2, 2]  # one epoch line and the final line, once
     ckpt = common.load_checkpoint(runs[0] / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 32
-    common.encoder_from_checkpoint(ckpt)  # strict: a DDP "module." prefix would fail here
+    common.encoder_from_checkpoint(ckpt, infogan.ENCODERS)  # strict: a DDP "module." prefix would fail here
     args = infogan.parse_args([])
     codes = infogan.Codes(args.noise_dim, args.n_cat, args.cat_dim, args.n_cont)
     infogan.Generator(codes.input_dim, 1, 32, args.width, args.fc_dim).load_state_dict(
@@ -232,8 +232,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     digits = common.load_data("digits")
     args = infogan.parse_args([])
     codes = infogan.Codes(args.noise_dim, 2, 10, 2)
-    enc = common.build_encoder({**common.encoder_config("infogan", digits.image_shape, y_dim=128),
-                                "width": 16, "fc_dim": 64})
+    enc = infogan.InfoGANEncoder(digits.image_shape[0], digits.image_shape[1], 128, width=16, fc_dim=64)
     q_head = infogan.QHead(codes, 128, 1)
     for m in (enc, q_head):
         infogan.dcgan_init(m)
@@ -244,7 +243,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     def information():
         with torch.no_grad():
             real = q_head(enc(x)["y"])[0]
-            warp = q_head(enc(common.random_affine(x, generator=torch.Generator().manual_seed(5)))["y"])[0]
+            warp = q_head(enc(common.random_affine(x, rng=torch.Generator().manual_seed(5)))["y"])[0]
         return ([float(common.cluster_information(real[:, i], warp[:, i])) for i in range(2)],
                 [len(real[:, i].argmax(1).unique()) for i in range(2)])
     before, _ = information()
@@ -252,7 +251,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     g = torch.Generator().manual_seed(1)
     for _ in range(60):
         xb = x[torch.randint(0, len(x), (64,), generator=g)]
-        logits = q_head(enc(torch.cat([xb, common.random_affine(xb, generator=g)]))["y"])[0]
+        logits = q_head(enc(torch.cat([xb, common.random_affine(xb, rng=g)]))["y"])[0]
         opt.zero_grad()
         infogan.clustering_loss(logits[:64], logits[64:], balance=2.0).backward()
         opt.step()
@@ -260,3 +259,9 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     print("I(Q's category; Q's category of the warp) per code, before / after:", before, after, used)
     assert max(before) < 0.01 and min(after) > 0.8, (before, after)  # 1.4-1.6 for seeds 0-3
     assert min(used) >= 8
+
+
+def test_adam_beta1_is_spelled_as_in_infoae():
+    assert infogan.parse_args(["--adam-beta1", "0.3"]).adam_beta1 == 0.3
+    with pytest.raises(SystemExit):  # the old spelling is one argparse error, not a silent default
+        infogan.parse_args(["--beta1", "0.3"])

@@ -331,7 +331,7 @@ def test_infoae_at_an_absurd_learning_rate_exits_in_one_line_with_nothing_saved(
 
 def test_whitening_overflowed_codes_is_one_line(capsys):
     """shared_exclusive --lr 1e30 ended in LinAlgError from the whitening's Cholesky."""
-    whiten = common.Whitening(4).train()
+    whiten = shared_exclusive.Whitening(4).train()
     err = one_line_exit_2(capsys, common.run_cli, lambda: whiten(torch.full((8, 4), float("nan"))))
     assert "lower --lr" in err
 
@@ -356,3 +356,37 @@ def test_sigterm_before_the_first_checkpoint_leaves_no_folder(tmp_path):
                        timeout=120)
     assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
     assert not os.listdir(tmp_path)
+
+
+# The state_dict keys of the encoders that lived in common.py before issue 36 (checkpoints
+# written then hold exactly these): the scripts that own them now must keep them.
+OLD_ENCODER_KEYS = {
+    "infoae": ["c1.0.weight", "c1.0.bias", "c2.0.weight", "c2.1.weight", "c3.0.weight",
+               "c3.1.weight", "fc.0.weight", "fc.1.weight", "out.weight", "out.bias"],
+    "infogan": ["c1.0.weight", "c1.0.bias", "c2.0.weight", "c2.1.weight", "fc.0.weight",
+                "fc.1.weight", "q_hidden.0.weight", "q_hidden.1.weight"],
+    "dcgan-white": ["c1.0.weight", "c3.1.running_var", "out.weight", "y_norm.running_cov"],
+}
+
+
+@pytest.mark.parametrize("script, arch", [("infoae", "infoae"), ("infogan", "infogan"),
+                                          ("shared_exclusive", "dcgan-white")])
+def test_eval_probe_rebuilds_an_encoder_its_script_owns(tmp_path, script, arch):
+    module = {"infoae": infoae, "infogan": infogan, "shared_exclusive": shared_exclusive}[script]
+    cfg = common.encoder_config(arch, (1, 32, 32), 8, module.ENCODERS)
+    encoder = common.build_encoder(cfg, module.ENCODERS)
+    assert set(OLD_ENCODER_KEYS[arch]) <= set(encoder.state_dict())
+    data = common.Data("digits", torch.zeros(4, 1, 32, 32, dtype=torch.uint8), torch.zeros(4),
+                       torch.zeros(4, 1, 32, 32, dtype=torch.uint8), torch.zeros(4), 10)
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(str(path), script=script, encoder=encoder, encoder_cfg=cfg,
+                           args=common.argparse.Namespace(), data=data, epoch=1, step=1)
+    args = eval_probe.parse_args([str(path)])
+    ckpt, found, rebuilt = eval_probe.load_encoder(args, torch.device("cpu"))
+    assert found is module and type(rebuilt) is type(encoder)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k
+    # a checkpoint naming a script this copy lacks: common's encoders only, one line
+    torch.save({**torch.load(path, weights_only=True), "script": "someone_elses"}, path)
+    with pytest.raises(common.UserError, match="no known architecture.*code that wrote it"):
+        eval_probe.load_encoder(args, torch.device("cpu"))

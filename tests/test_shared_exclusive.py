@@ -13,7 +13,7 @@ import common
 import shared_exclusive as se
 
 FAST = ["--no-progress", "--max-steps", "2", "--epochs", "1", "--batch-size", "32",
-        "--embed-dim", "32", "--probe", "linear", "--n-queries", "2"]
+        "--embed-dim", "32", "--probes", "linear", "--n-queries", "2"]
 
 
 def digits_gray():
@@ -25,7 +25,7 @@ def colour_labels_from_pixels(x, y):
     """Recover (background of X, foreground of Y) from pixels alone.
     X's corner is pure background; in Y, the inkiest pixel's distance from white points along
     (white - foreground), a direction that differs for each palette colour."""
-    palette = common.PALETTE.float()
+    palette = se.PALETTE.float()
     corner = x[:, :, 0, 0].float()  # (N, 3)
     bg = torch.cdist(corner, palette).argmin(1)
     ink = 255.0 - y.float()  # (N, 3, H, W)
@@ -39,10 +39,10 @@ def colour_labels_from_pixels(x, y):
 
 def test_pair_builder_keeps_the_digit_and_colour_labels_match_pixels():
     gray, labels = digits_gray()
-    x, y, lab = common.colorize_pairs(gray, labels, "same-image", torch.Generator().manual_seed(1))
+    x, y, lab = se.colorize_pairs(gray, labels, "same-image", torch.Generator().manual_seed(1))
     assert x.shape == y.shape == (len(gray), 3, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(lab[:, 0], labels)
-    bg_rgb, fg_rgb = common.PALETTE[lab[:, 1]], common.PALETTE[lab[:, 2]]
+    bg_rgb, fg_rgb = se.PALETTE[lab[:, 1]], se.PALETTE[lab[:, 2]]
     n = torch.arange(len(gray))
     # every palette colour has a channel at 0: there X shows the ink itself and Y its negative
     c_bg, c_fg = (bg_rgb == 0).int().argmax(1), (fg_rgb == 0).int().argmax(1)
@@ -57,9 +57,9 @@ def test_pair_builder_keeps_the_digit_and_colour_labels_match_pixels():
 def test_the_two_colours_are_drawn_independently():
     from scipy.stats import chi2_contingency
     gray = torch.zeros(24000, 1, 32, 32, dtype=torch.uint8)
-    _, _, lab = common.colorize_pairs(gray, torch.zeros(24000, dtype=torch.long), "same-image",
+    _, _, lab = se.colorize_pairs(gray, torch.zeros(24000, dtype=torch.long), "same-image",
                                       torch.Generator().manual_seed(0))
-    k = len(common.PALETTE)
+    k = len(se.PALETTE)
     joint = np.zeros((k, k))
     np.add.at(joint, (lab[:, 1].numpy(), lab[:, 2].numpy()), 1)
     assert (joint > 0).all()  # every (background, foreground) combination occurs, same ones too
@@ -71,9 +71,9 @@ def test_the_two_colours_are_drawn_independently():
 
 def test_same_class_pairing_draws_another_image_of_the_class():
     gray, labels = digits_gray()
-    x, y, lab = common.colorize_pairs(gray, labels, "same-class", torch.Generator().manual_seed(2))
+    x, y, lab = se.colorize_pairs(gray, labels, "same-class", torch.Generator().manual_seed(2))
     assert torch.equal(lab[:, 0], labels)
-    c_fg = (common.PALETTE[lab[:, 2]] == 0).int().argmax(1)
+    c_fg = (se.PALETTE[lab[:, 2]] == 0).int().argmax(1)
     y_ink = 255 - y[torch.arange(len(y)), c_fg]  # (N, H, W): the grayscale image Y was drawn from
     where = {}
     for j, img in enumerate(gray[:, 0]):
@@ -85,11 +85,11 @@ def test_same_class_pairing_draws_another_image_of_the_class():
 
 
 def test_pair_data_domains_and_offline_error():
-    pair = common.load_pair_data("colorful-digits")
+    pair = se.load_pair_data("colorful-digits")
     assert pair.train_labels.shape == (1437, 3) and pair.test_labels.shape == (360, 3)
     gray, labels = digits_gray()  # fixed pairs: every run and eval_probe see the same ones
-    x, _, lab = common.colorize_pairs(gray, labels, "same-image",
-                                      torch.Generator().manual_seed(common.PAIR_DATA_SEED))
+    x, _, lab = se.colorize_pairs(gray, labels, "same-image",
+                                      torch.Generator().manual_seed(se.PAIR_DATA_SEED))
     assert torch.equal(pair.train_x, x) and torch.equal(pair.train_labels, lab)
     dom = pair.domain("y", "foreground")
     assert torch.equal(dom.train_x, pair.train_y) and dom.n_classes == 12
@@ -97,7 +97,7 @@ def test_pair_data_domains_and_offline_error():
     x, y, lab = next(pair.batches("train", 16))
     assert x.shape == (16, 3, 32, 32) and -1 <= x.min() and x.max() <= 1 and lab.shape == (16, 3)
     with pytest.raises(common.UserError, match="could not load mnist"):
-        common.load_pair_data("colorful-mnist", root="/nonexistent-offline-root")
+        se.load_pair_data("colorful-mnist", root="/nonexistent-offline-root")
 
 
 def test_shuffle_in_the_adversary_breaks_the_pairing():
@@ -306,9 +306,9 @@ def test_whitened_probe_reads_a_label_hidden_in_a_direction_of_small_variance():
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        acc = {k: se.probe_accuracy(k, a, ya, b, yb, 0) for k in ("mlp", "linear", "whitened-mlp")}
-    assert acc["whitened-mlp"] > 0.9
-    assert acc["mlp"] < 0.5 and acc["linear"] < 0.5
+        acc = {k: se.probe_accuracy(k, a, ya, b, yb, 0) for k in ("sk-mlp", "linear", "whitened-sk-mlp")}
+    assert acc["whitened-sk-mlp"] > 0.9
+    assert acc["sk-mlp"] < 0.5 and acc["linear"] < 0.5
 
 
 def test_stage2_flags_leave_stage1_initialisation_alone():
@@ -329,7 +329,7 @@ def test_stage2_flags_leave_stage1_initialisation_alone():
 def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
     argv = [*FAST, "--out-dir", str(tmp_path)]
     run, metrics = se.main(argv)  # both stages
-    assert set(metrics) == {f"acc_{r}_{t}" for r in se.REPS for t in common.PAIR_LABELS}
+    assert set(metrics) == {f"acc_{r}_{t}" for r in se.REPS for t in se.PAIR_LABELS}
     assert all(0 <= v <= 1 for v in metrics.values())
     assert [m["stage"] for m in read_metrics(run.dir) if "stage" in m] == [1, 2]
     assert os.path.exists(run.path("neighbours.png"))
@@ -348,8 +348,8 @@ def test_stage2_leaves_the_shared_encoders_unchanged(tmp_path):
         excl = torch.load(run.path(f"exclusive_{d}.pt"), weights_only=True)["encoder"]
         assert excl["out.weight"].shape == (2, 1024)  # stage 2 did train the exclusive encoders
         assert not torch.equal(excl["out.weight"], init[f"exclusive_{d}"].out.weight)
-    rebuilt = common.encoder_from_checkpoint(stage1)  # from its cfg alone: the whitened 16-d S
-    assert rebuilt.out.out_features == 16 and isinstance(rebuilt.y_norm, common.Whitening)
+    rebuilt = common.encoder_from_checkpoint(stage1, se.ENCODERS)  # from its cfg alone: the whitened 16-d S
+    assert rebuilt.out.out_features == 16 and isinstance(rebuilt.y_norm, se.Whitening)
     # stage 2 alone starts from exactly these shared encoders
     fresh, _, _ = se.build_networks(se.parse_args(argv), (3, 32, 32), torch.device("cpu"))
     args2 = se.parse_args([*argv, "--stage", "2", "--shared-from", run.path("checkpoint.pt")])
@@ -367,15 +367,15 @@ def test_every_probe_of_the_list_gets_its_own_keys_and_bad_lists_are_refused():
     codes = np.eye(10)[digit] + 0.1 * rng.normal(size=(400, 10))  # the digit, linearly
     labels = torch.as_tensor(np.stack([digit, digit % 2, rng.integers(0, 12, 400)], 1))
     pair = SimpleNamespace(train_labels=labels[:300], test_labels=labels[300:])
-    metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "mlp"], 0)
-    assert [p for p, _ in tables] == ["linear", "mlp"]
-    assert set(metrics) == {f"acc_SX_{t}{s}" for t in common.PAIR_LABELS for s in ("", "_mlp")}
-    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_mlp"] > 0.95
-    assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_mlp"] < 0.3
-    assert se.parse_args(["--probe", "mlp,whitened-mlp"]).probe == ["mlp", "whitened-mlp"]
-    for bad in ("mlp,bogus", "mlp,mlp", ","):
+    metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "sk-mlp"], 0)
+    assert [p for p, _ in tables] == ["linear", "sk-mlp"]
+    assert set(metrics) == {f"acc_SX_{t}{s}" for t in se.PAIR_LABELS for s in ("", "_sk-mlp")}
+    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_sk-mlp"] > 0.95
+    assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_sk-mlp"] < 0.3
+    assert se.parse_args(["--probes", "sk-mlp,whitened-sk-mlp"]).probes == ["sk-mlp", "whitened-sk-mlp"]
+    for bad in ("sk-mlp,bogus", "sk-mlp,sk-mlp", ",", "mlp"):  # mlp: its old name, now sk-mlp
         with pytest.raises(SystemExit):
-            se.parse_args(["--probe", bad])
+            se.parse_args(["--probes", bad])
 
 
 def test_user_errors(tmp_path):
@@ -411,7 +411,8 @@ def test_both_stages_run_under_torchrun_and_only_rank_0_writes(tmp_path):
     assert ckpt["step"] == 4 and set(ckpt["modules"]) >= {"shared_y", "exclusive_x", "sz_disc_y"}
     for part in ("shared", "exclusive"):
         for d in "xy":  # strict rebuild: a DDP "module." prefix would fail here
-            common.encoder_from_checkpoint(common.load_checkpoint(runs[0] / f"{part}_{d}.pt"))
+            common.encoder_from_checkpoint(common.load_checkpoint(runs[0] / f"{part}_{d}.pt"),
+                                           se.ENCODERS)
 
 
 def test_whitening_gives_unit_variance_in_every_direction_and_eval_uses_running_statistics():
@@ -420,7 +421,7 @@ def test_whitening_gives_unit_variance_in_every_direction_and_eval_uses_running_
     # small directions small, whitening must not
     mix = torch.diag(torch.logspace(-2, 0, 8)) @ torch.linalg.qr(torch.randn(8, 8))[0]
     data = torch.randn(4096, 8) @ mix + 3
-    w = common.Whitening(8)
+    w = se.Whitening(8)
     out = w(data[:256])
     assert torch.allclose(torch.cov(out.T), torch.eye(8), atol=1e-2)
     with pytest.raises(common.UserError, match="more than 8"):
@@ -436,8 +437,8 @@ def test_whitening_gives_unit_variance_in_every_direction_and_eval_uses_running_
 
 def test_whitened_encoder_passes_gradients_through_its_statistics_and_reloads():
     torch.manual_seed(0)
-    cfg = common.encoder_config("dcgan-white", (3, 32, 32), 8)
-    enc = common.build_encoder(cfg)
+    cfg = common.encoder_config("dcgan-white", (3, 32, 32), 8, se.ENCODERS)
+    enc = common.build_encoder(cfg, se.ENCODERS)
     x = torch.randn(24, 3, 32, 32)
     target = torch.randn(24, 8)
     (enc(x)["y"] * target).sum().backward()
@@ -448,10 +449,10 @@ def test_whitened_encoder_passes_gradients_through_its_statistics_and_reloads():
     # scale of the code, so neither may the loss (a whitening with detached statistics would
     # pass a nonzero gradient to the scale)
     scale = torch.ones((), requires_grad=True)
-    (common.Whitening(8)(torch.randn(24, 8) * scale) * target).sum().backward()
+    (se.Whitening(8)(torch.randn(24, 8) * scale) * target).sum().backward()
     assert abs(scale.grad) < 1e-3
     enc.eval()
-    copy = common.build_encoder(cfg)  # what eval_probe does with a checkpoint's encoder_cfg
+    copy = common.build_encoder(cfg, se.ENCODERS)  # what eval_probe does with a checkpoint's encoder_cfg
     copy.load_state_dict(enc.state_dict())
     copy.eval()
     with torch.no_grad():

@@ -31,7 +31,7 @@ TINY = {
     "dim_global": ["--y-dim", "16", "--lr-schedule", "constant"],
     "infogan": ["--width", "8", "--fc-dim", "32", "--q-dim", "16", "--instance-noise", "0"],
     "infoae": ["--width", "4", "--hidden", "32", "--instance-noise", "0"],
-    "shared_exclusive": ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probe", "linear"],
+    "shared_exclusive": ["--stage", "1", "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear"],
 }
 COMMON = ["--batch-size", "32", "--no-progress", "--device", "cpu", "--eval-every", "2"]
 
@@ -176,7 +176,7 @@ def parser_of(script, argv=()):
 VALIDATORS = {common.positive_int, common.nonneg_int, common.batch_size_int, common.seed_int,
               common.positive_float,
               common.nonneg_float, common.probability, common.adam_beta,
-              shared_exclusive.probe_list}  # --probe: names from a list, so -1, nan, seven are bad too
+              shared_exclusive.probe_list}  # --probes: names from a list, so -1, nan, seven are bad too
 
 
 def numeric_flags(parser):
