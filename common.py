@@ -440,15 +440,19 @@ def random_affine(x, max_rotate=25.0, max_scale=0.2, max_shift=0.1, max_shear=0.
     return F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = background
 
 
-def random_jitter(x, strength, rng=None):
+def random_jitter(x, strength, rng=None, brightness=True):
     """Each image of a [-1, 1] batch with its own contrast (times 1 +- strength) and
     brightness (+- strength/2 of the range) change, clipped to the range; x itself when
-    strength is 0. Draws from `rng` (a CPU torch.Generator) where given."""
+    strength is 0. brightness=False changes the contrast alone, so a black background (-1)
+    stays black and only what lies on it gets lighter or darker. Draws from `rng` (a CPU
+    torch.Generator) where given, the same draws either way."""
     if strength == 0:
         return x
     n = len(x)
-    contrast, brightness = ((torch.rand(2, n, 1, 1, 1, generator=rng) * 2 - 1) * strength).to(x.device)
-    return ((x + 1) / 2 * (1 + contrast) + brightness / 2).clamp(0, 1) * 2 - 1
+    contrast, shift = ((torch.rand(2, n, 1, 1, 1, generator=rng) * 2 - 1) * strength).to(x.device)
+    if not brightness:
+        shift = torch.zeros_like(shift)
+    return ((x + 1) / 2 * (1 + contrast) + shift / 2).clamp(0, 1) * 2 - 1
 
 
 def batch_indices(n, batch_size, shuffle, rng, drop_last, rank, world_size, device):

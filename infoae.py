@@ -50,7 +50,7 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   warps of each (--cluster-mi 16, --cluster-balance 2), into E and C, so that the categories
   follow the real images and not only G's choice; at weight 0 it is not built. Each image
   meets 8 warps (--cluster-views) that rotate, shift, shear (--cluster-shear 0.3), stretch
-  (--cluster-scale 0.35) and change contrast and brightness (--cluster-jitter 0.5): what
+  (--cluster-scale 0.35) and change contrast (--cluster-jitter 0.5): what
   survives them (slant, width, how light an image is) would otherwise split a class.
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
   C are wrapped as one DDP module, the critics as another.
@@ -140,9 +140,10 @@ def parse_args(argv=None):
                         f"that term's warp (recipe {RECIPE['cluster_scale']}, --paper "
                         f"{PAPER['cluster_scale']})")
     p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,
-                   help=f"that term's warp also changes each view's contrast and brightness by "
-                        f"up to this much (common.random_jitter), so that the categories cannot "
-                        f"follow how light or dark an image is (recipe {RECIPE['cluster_jitter']})")
+                   help=f"that term's warp also scales each view's contrast by 1 +- this (the "
+                        f"background stays black), so that the categories cannot follow how "
+                        f"light or dark an image is (not in the paper; recipe "
+                        f"{RECIPE['cluster_jitter']})")
     p.add_argument("--latent-dim", type=common.positive_int, default=16,
                    help="size of the latents l_g = G(z,c) and l_e = E(x)")
     p.add_argument("--width", type=common.positive_int, default=None,
@@ -399,7 +400,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering()):
         views = clustering.views
         x_warped = common.random_jitter(
             common.random_affine(x.repeat(views, 1, 1, 1), max_scale=clustering.scale,
-                                 max_shear=clustering.shear), clustering.jitter)
+                                 max_shear=clustering.shear), clustering.jitter, brightness=False)
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images

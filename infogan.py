@@ -45,8 +45,8 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
 - Recipe: `--cluster-mi 4` adds IIC's clustering objective (Ji et al. 2019, arXiv:1807.06653)
   to D and Q's step: Q's categories of a real image and of its warped copy must agree and use
   every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
-  split real MNIST's digits. The copy's contrast and brightness change too (`--cluster-jitter
-  0.5`), or the categories follow how light or dark a garment is.
+  split real MNIST's digits. The copy's contrast changes too (`--cluster-jitter 0.5`), or the
+  categories follow how light or dark a garment is.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
@@ -114,9 +114,10 @@ def parse_args(argv=None):
                    help="IIC's lambda in that term: weight of the categories' marginal entropies "
                         "against their joint entropy over the two views (1: the mutual information)")
     p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,
-                   help=f"that term's warp also changes each copy's contrast and brightness by "
-                        f"up to this much (common.random_jitter), so that the categories cannot "
-                        f"follow how light or dark an image is (recipe {RECIPE['cluster_jitter']})")
+                   help=f"that term's warp also scales each copy's contrast by 1 +- this (the "
+                        f"background stays black), so that the categories cannot follow how "
+                        f"light or dark an image is (not in the paper; recipe "
+                        f"{RECIPE['cluster_jitter']})")
     p.add_argument("--learn-cont-var", type=int, default=1, choices=[0, 1],
                    help="1: Q's Gaussian for the continuous codes learns its variance; "
                         "0: unit variance")
@@ -449,7 +450,7 @@ def train(args):
             with common.autocast(device, args.amp):
                 fake = G_step(codes.gen_input(z, cat, cont))  # reused by G's step below
                 warped = [common.random_jitter(common.random_affine(x, rng=noise_rng), args.cluster_jitter,
-                                                 noise_rng)] if args.cluster_mi else []
+                                                 noise_rng, brightness=False)] if args.cluster_mi else []
                 out = encoder_step(seen(torch.cat([x, fake.detach(), *warped]), sigma, args.warp,
                                         noise_rng))
                 d_real, d_fake = d_head_step(out["fc"][:2 * n]).float().split(n)

@@ -241,3 +241,24 @@ def test_epochs_for_steps_counts_whole_batches_per_process():
     assert common.epochs_for_steps(4961, data, 32) == 81  # a step more needs an epoch more
     assert common.epochs_for_steps(4960, data, 32, world_size=2) == 80  # 1,000 rows, 16 each
     assert common.epochs_for_steps(4960, data, 64, world_size=2) == 160  # 31 batches of 32
+
+
+def test_random_jitter_changes_contrast_and_optionally_brightness():
+    # a black (-1) background with a grey square on it
+    x = torch.full((64, 1, 8, 8), -1.0)
+    x[:, :, 2:6, 2:6] = 0.0
+    rng = lambda: torch.Generator().manual_seed(0)
+    both = common.random_jitter(x, 0.5, rng())
+    contrast = common.random_jitter(x, 0.5, rng(), brightness=False)
+    assert torch.equal(common.random_jitter(x, 0.0, rng()), x)
+    # contrast alone: the background stays black, the square's grey is scaled by 1 +- 0.5
+    assert torch.equal(contrast[:, :, 0, 0], x[:, :, 0, 0])
+    square = (contrast[:, 0, 3, 3] + 1) / 2  # was 0.5 in [0, 1]
+    assert square.min() >= 0.25 - 1e-6 and square.max() <= 0.75 + 1e-6 and square.std() > 0.05
+    # with brightness the background moves too, by up to strength / 2 of the range (clipped at black)
+    background = (both[:, 0, 0, 0] + 1) / 2
+    assert background.max() > 0.1 and background.max() <= 0.25 + 1e-6
+    # the same draws either way: each image's contrast change is the same in both
+    lifted = (both[:, 0, 3, 3] + 1) / 2 - (both[:, 0, 0, 0] + 1) / 2
+    inside = background > 0  # background not clipped: the shift cancels in the difference
+    assert torch.allclose(lifted[inside], square[inside], atol=1e-6)
