@@ -366,26 +366,29 @@ class Whitening(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0))
 
     def forward(self, y):
-        y = y.float()
-        if self.training:
-            if len(y) <= y.shape[1]:
-                raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
-                                f"{y.shape[1]} samples, got {len(y)}")
-            mean = y.mean(0)
-            cov = (y - mean).T @ (y - mean) / (len(y) - 1)
-            with torch.no_grad():
-                # a plain average over the first 1/momentum batches, then a moving one: the
-                # identity it starts from would linger as a floor under small directions
-                self.num_batches_tracked += 1
-                m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_cov.lerp_(cov.detach(), m)
-        else:
-            mean, cov = self.running_mean, self.running_cov
-        # a tiny ridge, relative to the mean variance, for numerical safety only
-        eye = torch.eye(len(cov), device=cov.device)
-        chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
-        return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
+        # float32 throughout, under --amp too: a bf16 covariance (8 bits of mantissa) would
+        # make the running one a different dtype and its Cholesky factor too coarse
+        with torch.autocast(y.device.type, enabled=False):
+            y = y.float()
+            if self.training:
+                if len(y) <= y.shape[1]:
+                    raise UserError(f"whitening a {y.shape[1]}-d code needs batches of more than "
+                                    f"{y.shape[1]} samples, got {len(y)}")
+                mean = y.mean(0)
+                cov = (y - mean).T @ (y - mean) / (len(y) - 1)
+                with torch.no_grad():
+                    # a plain average over the first 1/momentum batches, then a moving one: the
+                    # identity it starts from would linger as a floor under small directions
+                    self.num_batches_tracked += 1
+                    m = (1 / self.num_batches_tracked).clamp_min(self.momentum)  # no host sync
+                    self.running_mean.lerp_(mean.detach(), m)
+                    self.running_cov.lerp_(cov.detach(), m)
+            else:
+                mean, cov = self.running_mean, self.running_cov
+            # a tiny ridge, relative to the mean variance, for numerical safety only
+            eye = torch.eye(len(cov), device=cov.device)
+            chol = torch.linalg.cholesky(cov + self.eps * cov.diagonal().mean() * eye)
+            return torch.linalg.solve_triangular(chol.T, y - mean, upper=True, left=False)  # (y - mean) L^-T
 
 
 class WhitenedDCGANEncoder(StandardizedDCGANEncoder):

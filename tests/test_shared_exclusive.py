@@ -483,3 +483,30 @@ def test_each_stage_reads_its_own_local_layer():
     assert shapes["conv"][0] != shapes["c2"][0]
     assert built["shared_local_critic_x"].l_skip.in_channels == shapes["conv"][0]
     assert built["exclusive_local_critic_x"].l_skip.in_channels == shapes["c2"][0]
+
+
+def test_whitening_under_bf16_autocast_stays_float32_and_white():
+    """--amp: the encoder hands Whitening a bf16 code; its covariance, running statistics and
+    output stay float32, and the output is as white as without autocast."""
+    torch.manual_seed(0)
+    lin, w = nn.Linear(16, 8), se.Whitening(8)
+    x = torch.randn(256, 16) @ torch.diag(torch.logspace(-1, 1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        code = lin(x)
+        out = w(code)
+    assert code.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert w.running_cov.dtype == w.running_mean.dtype == torch.float32
+    assert torch.allclose(torch.cov(out.T), torch.eye(8), atol=1e-2)
+    assert torch.allclose(w.running_cov, torch.cov(code.float().T), atol=1e-4)  # the first batch's
+
+
+def test_amp_runs_both_stages_with_finite_numbers(tmp_path):
+    run, metrics = se.main([*FAST, "--amp", "--out-dir", str(tmp_path)])
+    lines = read_metrics(run.dir)
+    assert [m.get("stage") for m in lines] == [1, 2, None]
+    with open(run.path("args.json")) as f:
+        assert json.load(f)["amp"] is True
+    for m in lines[:2]:
+        assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+    assert lines[0]["l1"] > 0 and 0 < lines[1]["hsic_x"] <= 1 and 0 < lines[1]["hsic_y"] <= 1
+    assert all(0 <= v <= 1 for v in metrics.values()) and len(metrics) == 12
