@@ -472,6 +472,22 @@ def kernel_alignment(k1, k2):
     return (k1 * k2).sum() / (k1.norm() * k2.norm()).clamp_min(1e-12)
 
 
+class HSICWindow(dict):
+    """{domain: [(S, Z) of its latest batches, newest first, detached]}: the rows the HSIC term
+    scores each batch with besides its own (exclusive_step keeps them). It has a module's
+    state_dict / load_state_dict, so checkpoint.pt holds it beside the networks and stage 2
+    resumed from it scores the rows the uninterrupted run did."""
+
+    def state_dict(self):  # {"x.s": (K, B, shared_dim), "x.z": (K, B, exclusive_dim), ...}
+        return {f"{d}.{part}": torch.stack([sz[i] for sz in past])
+                for d, past in self.items() if past for i, part in enumerate("sz")}
+
+    def load_state_dict(self, state, device="cpu"):
+        self.clear()
+        for d in sorted({k.split(".")[0] for k in state}):
+            self[d] = list(zip(state[f"{d}.s"].to(device).unbind(), state[f"{d}.z"].to(device).unbind()))
+
+
 def build_networks(args, image_shape, device):
     """Encoders and critics of both stages (all built, so every checkpoint has every key).
     Stage 1's are initialised first from the global seed and stage 2's from a stream of their
@@ -530,7 +546,8 @@ def shared_step(img_x, img_y, encoders, critics, bound, args, gather=None):
 def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, memory=None):
     """Stage 2 loss: MI of R = (S, Z) with the image, and the penalties on (S, Z).
     Returns the (S, Z) of each domain for the discriminator's own step. `memory` ({domain:
-    [(S, Z) of recent batches]}, updated here) widens the HSIC term beyond one batch."""
+    [(S, Z) of recent batches]}, a HSICWindow in train, updated here) widens the HSIC term
+    beyond one batch."""
     logs, sz = {}, {}
     loss = torch.zeros((), device=img_x.device)
     for d, img in (("x", img_x), ("y", img_y)):
@@ -728,8 +745,14 @@ def train(args):
            ([(2, e) for e in range(args.exclusive_epochs)] if args.stage in ("2", "both") else [])
     modules = {"encoder": encoders["shared_x"], **{k: m for k, m in encoders.items() if k != "shared_x"}, **critics}
     run_dir, start, step, elapsed = common.resume_state(args, SCRIPT, modules, optimizers)
+    stage_steps = {1: 0, 2: 0}  # --max-steps counts each stage's
+    hsic_window = HSICWindow()  # this process's latest (S, Z) per domain
     if args.resume:
-        shared_done = common.load_checkpoint(args.resume)["extra"].get("shared_epochs_done", 0)
+        resumed = common.load_checkpoint(args.resume)
+        shared_done = resumed["extra"].get("shared_epochs_done", 0)
+        stage_steps = dict(zip((1, 2), resumed["extra"].get("stage_steps", [0, 0])))
+        if world == 1:  # under torchrun each process had its own rows, and only rank 0's were saved
+            hsic_window.load_state_dict(resumed["modules"].get("hsic_window", {}), device)
         if args.stage == "both" and start > shared_done != args.epochs:  # plan entries would shift
             raise UserError(f"stage 1 of {args.resume} ended after {shared_done} epochs and stage 2 "
                             f"has begun: resume with --epochs {shared_done} (--exclusive-epochs "
@@ -749,8 +772,6 @@ def train(args):
         print(f"run folder: {run.dir}  device: {device}  data: {pair.name} ({pair.pairing}) "
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
-    stage_steps = {1: 0, 2: 0}
-    hsic_memory = {}  # per domain, this process's recent (S, Z): refilled after a resume
     stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
     for i in range(start, len(plan)):
         stage, epoch = plan[i]
@@ -771,7 +792,7 @@ def train(args):
                                                  gather)
                 else:
                     loss, logs, sz = exclusive_step(img_x, img_y, stage2_nets, step_nets, bound,
-                                                    args, gather, hsic_memory)
+                                                    args, gather, hsic_window)
             common.check_finite(loss, step, "loss", NAN_HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -808,8 +829,10 @@ def train(args):
             run.plot(list(knn_random_init), knn_random_init)
         run.checkpoint(encoder=encoders["shared_x"], encoder_cfg=cfgs["shared"], args=args,
                        data=pair.domain("x"), epoch=i + 1, step=step,
-                       modules={k: m for k, m in modules.items() if k != "encoder"},
-                       optimizers=optimizers, extra=pair_extra(args, "x", "shared", shared_done))
+                       modules={**{k: m for k, m in modules.items() if k != "encoder"},
+                                "hsic_window": hsic_window},
+                       optimizers=optimizers, extra={**pair_extra(args, "x", "shared", shared_done),
+                                                     "stage_steps": [stage_steps[1], stage_steps[2]]})
         # this stage's encoders, one checkpoint each: shared_*.pt stop changing after stage 1
         save_encoders(run, encoders, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
                       i + 1, step, shared_done)
