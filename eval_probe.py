@@ -43,6 +43,7 @@ NDM discriminator's loss; the values here are flags.
 
     python eval_probe.py runs/<run>/checkpoint.pt --probes linear --mine --ndm --msssim --tsne
 """
+import argparse
 import importlib
 import json
 import math
@@ -59,6 +60,13 @@ from common import UserError
 PROBES = ("linear", "mlp", "knn", "kmeans")
 
 
+def pair_label(text):
+    """--pair-label: "digit" was the class's name before pairs of garments."""
+    if text == "digit":
+        raise argparse.ArgumentTypeError("digit is now class (the grey item's class: a digit, a garment)")
+    return text
+
+
 def parse_args(argv=None):
     p = common.ArgumentParser(description="Evaluate a saved encoder with frozen-feature probes")
     p.add_argument("checkpoint", help="checkpoint.pt written by any script of this repo")
@@ -68,8 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="default: the run's --data-root")
     p.add_argument("--taps", default="conv,fc,y", help="comma-separated encoder taps to probe")
     p.add_argument("--probes", default=",".join(PROBES), help="comma-separated subset of " + ",".join(PROBES))
-    p.add_argument("--pair-label", default="digit", choices=["digit", "background", "foreground"],
-                   help="for shared_exclusive encoders: which label of the image pairs to probe")
+    p.add_argument("--pair-label", default="class", type=pair_label,
+                   choices=["class", "background", "foreground"],
+                   help="for shared_exclusive encoders: which label of the image pairs to probe "
+                        "(class: the grey item's, a digit or a garment)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate an untrained encoder of the same architecture (baseline)")
     p.add_argument("--knn-k", type=common.positive_int, default=20, help="neighbours for k-NN")

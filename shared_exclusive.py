@@ -19,12 +19,14 @@ measure of the dependence of S and Z, does it instead, computed exactly on every
     python shared_exclusive.py                     # colourful digits, CPU, about 8 min
     python shared_exclusive.py --dataset colorful-mnist --probes sk-mlp,whitened-sk-mlp  # 20 + 20 epochs
 
-Data: the paper's colourful-MNIST and the same construction on scikit-learn's bundled digits
-(the offline default): X is the white digit on a background colour, Y the digit drawn in a
-colour on white, the two colours drawn once (PAIR_DATA_SEED), independently, from 12
-hues (PALETTE). `--pairing same-image` (the paper's) draws both images from one MNIST
-image, so S holds the digit's class and style; `--pairing same-class` pairs two drawings of
-one class, so S becomes a class code and the pairing is weak supervision.
+Data: the paper's colourful-MNIST and the same construction on the other grey datasets:
+scikit-learn's bundled digits (the offline default) and Fashion-MNIST
+(`colorful-fashion-mnist`). X is the white item (digit, garment) on a background colour, Y
+the item drawn in a colour on white, the two colours drawn once (PAIR_DATA_SEED),
+independently, from 12 hues (PALETTE). `--pairing same-image` (the paper's) draws both
+images from one grey image, so S holds the item's class and style; `--pairing same-class`
+pairs two drawings of one class, so S becomes a class code and the pairing is weak
+supervision. The labels: the item's class, X's background, Y's foreground (PAIR_LABELS).
 
 Where this script fills gaps in or departs from the paper (the measurements behind each
 choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
@@ -49,7 +51,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   4x4 map lets less of X's background into S, and the 8x8 one keeps all of it in Z_X. The
   dot critic embeds 256 wide (DIM's 2048 is a flag away), cheaper on a CPU.
 - Evaluation: an MLP probe (scikit-learn's, one 200-unit hidden layer; `--probes linear`, or
-  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for digit, background
+  `whitened-sk-mlp` on PCA-whitened codes) on frozen S_X, S_Y, Z_X, Z_Y for class, background
   and foreground.
 - Under torchrun --batch-size is the global batch; the MI critics' negatives are gathered
   from every process, HSIC, the adversary's shuffle and whitening use each process's rows.
@@ -70,7 +72,7 @@ from common import UserError
 SCRIPT = "shared_exclusive"
 NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow up)"
 CODE = "y"  # the encoders' output tap that holds the code (S or Z), DIM's global feature
-REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_digit ...)
+REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_class ...)
 # the encoder behind each --shared-norm / --exclusive-norm
 NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
 
@@ -101,7 +103,8 @@ def parse_args(argv=None):
                               conflict_handler="resolve")
     common.add_common_args(p, epochs=None, batch_size=64, lr=1e-4, eval_every=3)
     p.add_argument("--dataset", default="colorful-digits", choices=PAIR_DATASETS,
-                   help="pairs: colourful bundled digits (offline) or colourful MNIST")
+                   help="pairs built from a grey dataset: the bundled digits (offline), MNIST or "
+                        "Fashion-MNIST (read from --data-root)")
     p.add_argument("--epochs", type=common.epochs_int, default=None,
                    help="epochs of stage 1, and of stage 2 unless --exclusive-epochs is given "
                         "(default: 36 on colorful-digits, 20 on colorful-mnist)")
@@ -189,15 +192,18 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# Data: colourful digit pairs
+# Data: colourful pairs of grey images
 # ----------------------------------------------------------------------------------------
-# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): colourful-MNIST, and the
-# same construction on the bundled digits. X = white digit on a coloured background, Y = the
-# digit drawn in a colour on white; the two colours are drawn independently from PALETTE.
-PAIR_DATASETS = ["colorful-digits", "colorful-mnist"]
-PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist"}  # grayscale source
+# Image pairs for shared/exclusive representations (Sanchez et al., arXiv:1912.03915): the
+# paper's colourful-MNIST, and the same construction on any grey dataset common.load_data
+# reads. X = the white item (digit, garment) on a coloured background, Y = the item drawn in
+# a colour on white; the two colours are drawn independently from PALETTE.
+PAIR_SOURCES = {"colorful-digits": "digits", "colorful-mnist": "mnist",
+                "colorful-fashion-mnist": "fashion-mnist"}  # pair dataset -> its grey source
+PAIR_DATASETS = list(PAIR_SOURCES)
 PAIRINGS = ["same-image", "same-class"]
-PAIR_LABELS = ("digit", "background", "foreground")  # columns of PairData.*_labels
+PAIR_LABELS = ("class", "background", "foreground")  # columns of PairData.*_labels
+OLD_PAIR_LABELS = {"digit": "class"}  # older names (older runs' keys: acc_SX_digit ...)
 PAIR_DATA_SEED = 0  # colours and partners are drawn once, so every run sees the same pairs
 # The 12 hues of the colour wheel at 0/128/255 RGB steps (one channel always 0): red,
 # orange, yellow, chartreuse, green, spring, cyan, azure, blue, violet, magenta, rose.
@@ -221,12 +227,12 @@ def same_class_partners(labels, rng):
 
 
 def colorize_pairs(gray, labels, pairing="same-image", rng=None):
-    """Grayscale digits (N, 1, H, W) uint8 -> (X, Y, pair labels).
+    """Grey images (N, 1, H, W) uint8 and their classes -> (X, Y, pair labels).
 
-    X: the digit kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
-    Y: the digit (the same image, or another image of its class) drawn in colour fg on white
+    X: the item kept white on a background of colour bg (X = g*255 + (1-g)*bg, g = gray/255).
+    Y: the item (the same image, or another image of its class) drawn in colour fg on white
        (Y = g*fg + (1-g)*255). bg and fg are drawn independently and uniformly from PALETTE.
-    Labels (N, 3): digit, background colour index, foreground colour index.
+    Labels (N, 3): class, background colour index, foreground colour index.
     """
     if pairing not in PAIRINGS:
         raise UserError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
@@ -255,6 +261,7 @@ class PairData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     test_labels: torch.Tensor
+    n_classes: int  # of the grey items (PAIR_LABELS' "class"); the colours have len(PALETTE)
     device: torch.device = None  # where batches() delivers, as Data's
 
     @property
@@ -283,12 +290,12 @@ class PairData:
         return common.count_batches(len(self.train_x if split == "train" else self.test_x), batch_size,
                              drop_last, world_size)
 
-    def domain(self, which, label="digit"):
+    def domain(self, which, label="class"):
         """One domain ('x' or 'y') as a plain `Data` labelled by one of PAIR_LABELS, so the
         generic tools (extract_features, eval_probe) can use it."""
         col = PAIR_LABELS.index(label)
         tx, vx = (self.train_x, self.test_x) if which == "x" else (self.train_y, self.test_y)
-        n_classes = 10 if label == "digit" else len(PALETTE)
+        n_classes = self.n_classes if label == "class" else len(PALETTE)
         return common.Data(self.name, tx, self.train_labels[:, col], vx, self.test_labels[:, col], n_classes,
                     device=self.device)
 
@@ -303,16 +310,18 @@ def load_pair_data(name, root="./data", device=torch.device("cpu"), pairing="sam
     rng = torch.Generator().manual_seed(seed)
     tx, ty, tl = colorize_pairs(gray.train_x, gray.train_y, pairing, rng)
     vx, vy, vl = colorize_pairs(gray.test_x, gray.test_y, pairing, rng)
-    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, device)
+    data = PairData(name, pairing, tx, ty, tl, vx, vy, vl, gray.n_classes, device)
     nbytes = sum(t.numel() * t.element_size() for t in (tx, ty, tl, vx, vy, vl))
     if device.type != "cpu" and nbytes <= max_device_bytes:  # else batches move one at a time
         data.to(device)
     return data
 
 
-def probe_data(ckpt, root, device, label="digit"):
+def probe_data(ckpt, root, device, label="class"):
     """The data eval_probe.py probes one of this script's encoders on: the domain its
-    checkpoint's `extra` names (pair_domain, pairing, pair_seed), labelled by `label`."""
+    checkpoint's `extra` names (pair_domain, pairing, pair_seed), labelled by `label` (one of
+    PAIR_LABELS, or its older name)."""
+    label = OLD_PAIR_LABELS.get(label, label)
     extra = ckpt["extra"]
     if extra.get("pair_domain") not in ("x", "y"):
         raise UserError(f"the checkpoint names no pair domain ({extra.get('pair_domain')!r}); pass "
@@ -635,7 +644,7 @@ def evaluation_table(reps, pair, kind, seed):
 
 
 def evaluate(reps, pair, probes, seed):
-    """Every probe's evaluation table: the flat metrics (the first probe's keys acc_SX_digit
+    """Every probe's evaluation table: the flat metrics (the first probe's keys acc_SX_class
     and so on, every other probe's with _<probe> appended) and [(probe, rows)]."""
     metrics, tables = {}, []
     for i, probe in enumerate(probes):
@@ -647,12 +656,12 @@ def evaluate(reps, pair, probes, seed):
 
 def knn_monitor(encoders, pair, device, parts, rule="weighted"):
     """The per-epoch monitor: k-NN test accuracy (by `rule`, common.knn_monitor's) of S on the
-    digit and of Z on its domain's colour (X's background, Y's foreground), for the encoders
+    class and of Z on its domain's colour (X's background, Y's foreground), for the encoders
     of `parts`."""
     accs = {}
     for part, rep in parts:
         for d, colour in (("x", "background"), ("y", "foreground")):
-            label = "digit" if part == "shared" else colour
+            label = "class" if part == "shared" else colour
             accs[f"knn_{rep}{d.upper()}_{label}"] = common.knn_monitor(
                 encoders[f"{part}_{d}"], pair.domain(d, label), device, rule=rule)
     return accs
@@ -849,12 +858,13 @@ def train(args):
     for probe, rows in tables:
         common.print_table(rows, title=f"\n{probe} probe test accuracy on {pair.name} ({pair.pairing}), "
                                        f"{step} steps, {run.elapsed() / 60:.1f} min "
-                                       f"(chance: digit 0.10, colours {1 / len(PALETTE):.3f})")
+                                       f"(chance: class {1 / pair.n_classes:.2f}, colours "
+                                       f"{1 / len(PALETTE):.3f})")
     if watched:
         common.print_table([{"k-NN monitor (test)": k[4:], "trained": v, "untrained": knn_random_init[k]}
                             for k, v in watched.items()])
-    print("goal: S_* high on digit, near chance on colours; Z_X high on background, "
-          "Z_Y high on foreground, both low on digit")
+    print("goal: S_* high on class, near chance on colours; Z_X high on background, "
+          "Z_Y high on foreground, both low on class")
     saved = [f"{part}_{d}.pt" for part in ("shared", "exclusive") for d in "xy" if os.path.exists(run.path(f"{part}_{d}.pt"))]
     print(f"encoders ({', '.join(saved)}) and neighbours.png in {run.dir}")
     return run, metrics

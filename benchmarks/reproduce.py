@@ -6,8 +6,8 @@
     python benchmarks/reproduce.py --merge a.json b.json --out all.json   # calls run side by side
 
 Each recipe is one command line of a training script (RECIPES below), on the bundled digits
-or on MNIST / Fashion-MNIST read offline from --data-root (colourful-MNIST pairs built from
-MNIST for shared_exclusive). Every run is evaluated with eval_probe.py's probes (DIM) or with
+or on MNIST / Fashion-MNIST read offline from --data-root (for shared_exclusive the colourful
+pairs built from them). Every run is evaluated with eval_probe.py's probes (DIM) or with
 the numbers the script logs for its own representation (InfoGAN and InfoAE: clustering
 accuracy of the categorical code; shared/exclusive: what S and Z predict). The baselines are
 measured in the same call: logistic regression, cosine 20-NN and k-means on raw pixels, and
@@ -63,12 +63,13 @@ EXTRA_FLAGS = {**{(m, d): ["--epochs", e] for m in ("dim_local_paper", "dim_glob
                **{(m, "fashion-mnist"): ["--epochs", "2"] for m in ("infogan_paper", "infoae_paper")}}
 # dataset -> the folder torchvision reads under --data-root
 RAW_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
-PAIR_DATASETS = {"mnist": "colorful-mnist"}  # shared_exclusive's pairs; digits: its default
+# shared_exclusive's pairs; digits: its default
+PAIR_DATASETS = {"mnist": "colorful-mnist", "fashion-mnist": "colorful-fashion-mnist"}
 SHARED_EXCLUSIVE_KEYS = {  # reproduce key -> the script's logged metric (MLP probe)
-    "s_x_digit": "acc_SX_digit", "s_y_digit": "acc_SY_digit",
+    "s_x_class": "acc_SX_class", "s_y_class": "acc_SY_class",
     "s_x_background": "acc_SX_background", "s_y_foreground": "acc_SY_foreground",
     "z_x_background": "acc_ZX_background", "z_y_foreground": "acc_ZY_foreground",
-    "z_x_digit": "acc_ZX_digit", "z_y_digit": "acc_ZY_digit",
+    "z_x_class": "acc_ZX_class", "z_y_class": "acc_ZY_class",
 }
 SHARED_EXCLUSIVE_KEYS.update({k + "_whitened": v + "_whitened-sk-mlp" for k, v in list(SHARED_EXCLUSIVE_KEYS.items())})
 
@@ -244,9 +245,9 @@ COLUMNS = {  # method -> the metrics its row shows
 
 
 def shared_exclusive_cell(m, suffix):
-    """'S digit a / b, S colour c / d, Z colour e / f, Z digit g / h' for X / Y."""
-    pairs = [("S digit", "s_x_digit", "s_y_digit"), ("S colour", "s_x_background", "s_y_foreground"),
-             ("Z colour", "z_x_background", "z_y_foreground"), ("Z digit", "z_x_digit", "z_y_digit")]
+    """'S class a / b, S colour c / d, Z colour e / f, Z class g / h' for X / Y."""
+    pairs = [("S class", "s_x_class", "s_y_class"), ("S colour", "s_x_background", "s_y_foreground"),
+             ("Z colour", "z_x_background", "z_y_foreground"), ("Z class", "z_x_class", "z_y_class")]
     return ", ".join(f"{name} {m[x + suffix]:.3f} / {m[y + suffix]:.3f}" for name, x, y in pairs)
 
 
@@ -279,6 +280,10 @@ def merge(paths):
                 part = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --merge {path}: not a readable results file ({e})")
+        for method in RECIPES:  # files written before pairs of garments: "digit" is the class
+            for m in part.get(method, {}).values() if method.startswith("shared_exclusive") else ():
+                for k in [k for k in m if "_digit" in k]:
+                    m[k.replace("_digit", "_class")] = m.pop(k)
         if results is None:
             results = part
             continue

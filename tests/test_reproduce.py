@@ -73,3 +73,22 @@ def test_no_default_is_keyed_to_the_datasets_name(script):
                if k != "dataset" and not (flags and k == "epochs")}
               for name in ("digits", "mnist", "fashion-mnist", "cifar10") for flags in ([], ["--paper"])]
     assert all(p == parsed[0] for p in parsed[0::2]) and all(p == parsed[1] for p in parsed[1::2])
+
+
+def test_merge_reads_older_files_whose_shared_exclusive_keys_said_digit(tmp_path):
+    """Files written before pairs of garments named the class "digit": merged, they print as
+    the new ones do, with every number where it was."""
+    old = {"s_x_digit": 0.91, "s_y_digit": 0.92, "s_x_background": 0.11, "s_y_foreground": 0.12,
+           "z_x_background": 1.0, "z_y_foreground": 0.99, "z_x_digit": 0.13, "z_y_digit": 0.14}
+    old.update({k + "_whitened": round(v + 0.001, 3) for k, v in list(old.items())})
+    a, out = tmp_path / "a.json", tmp_path / "all.json"
+    a.write_text(json.dumps({"environment": {"threads": 1, "torch": "2.x", "device": "cpu"},
+                             "dataset": "mnist", "baselines": {},
+                             "shared_exclusive": {"0": {**old, "minutes": 25.0}}}))
+    proc = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--merge", str(a), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["shared_exclusive"]["0"]["z_y_class_whitened"] == 0.141
+    (row,) = [l for l in proc.stdout.splitlines() if l.startswith("| shared_exclusive |")]
+    assert ("S class 0.910 / 0.920, S colour 0.110 / 0.120, Z colour 1.000 / 0.990, Z class 0.130 / 0.140; "
+            "whitened-sk-mlp S class 0.911 / 0.921") in row

@@ -98,6 +98,30 @@ def test_pair_data_domains_and_offline_error():
     assert x.shape == (16, 3, 32, 32) and -1 <= x.min() and x.max() <= 1 and lab.shape == (16, 3)
     with pytest.raises(common.UserError, match="could not load mnist"):
         se.load_pair_data("colorful-mnist", root="/nonexistent-offline-root")
+    with pytest.raises(common.UserError, match="could not load fashion-mnist"):
+        se.load_pair_data("colorful-fashion-mnist", root="/nonexistent-offline-root")
+
+
+def test_pairs_of_any_grey_dataset_carry_its_classes(monkeypatch):
+    """colorful-fashion-mnist: the same construction on the grey dataset common.load_data
+    reads (here a stand-in with 3 classes of 40 images), labelled by class, not digit."""
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=g)
+    grey = common.Data("fashion-mnist", images(40), torch.arange(40) % 3, images(12), torch.arange(12) % 3, 3)
+    asked = []
+    monkeypatch.setattr(common, "load_data", lambda name, *a, **kw: asked.append(name) or grey)
+    pair = se.load_pair_data("colorful-fashion-mnist", pairing="same-class")
+    assert asked == ["fashion-mnist"] and pair.n_classes == 3 and se.PAIR_LABELS[0] == "class"
+    assert torch.equal(pair.train_labels[:, 0], grey.train_y) and torch.equal(pair.test_labels[:, 0], grey.test_y)
+    x, y, _ = se.colorize_pairs(grey.train_x, grey.train_y, "same-class",
+                                torch.Generator().manual_seed(se.PAIR_DATA_SEED))
+    assert torch.equal(pair.train_x, x) and torch.equal(pair.train_y, y)
+    assert pair.domain("x", "class").n_classes == 3 and pair.domain("y", "foreground").n_classes == 12
+    assert torch.equal(pair.domain("y").test_y, grey.test_y)  # the class by default
+    # eval_probe's label for older callers: "digit" is the class
+    ckpt = {"extra": {"pair_domain": "y", "pairing": "same-class", "pair_seed": se.PAIR_DATA_SEED},
+            "dataset": "colorful-fashion-mnist", "image_shape": [3, 32, 32]}
+    assert torch.equal(se.probe_data(ckpt, "./data", torch.device("cpu"), label="digit").train_y, grey.train_y)
 
 
 def test_shuffle_in_the_adversary_breaks_the_pairing():
@@ -370,7 +394,7 @@ def test_every_probe_of_the_list_gets_its_own_keys_and_bad_lists_are_refused():
     metrics, tables = se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "sk-mlp"], 0)
     assert [p for p, _ in tables] == ["linear", "sk-mlp"]
     assert set(metrics) == {f"acc_SX_{t}{s}" for t in se.PAIR_LABELS for s in ("", "_sk-mlp")}
-    assert metrics["acc_SX_digit"] > 0.95 and metrics["acc_SX_digit_sk-mlp"] > 0.95
+    assert metrics["acc_SX_class"] > 0.95 and metrics["acc_SX_class_sk-mlp"] > 0.95
     assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_sk-mlp"] < 0.3
     assert se.parse_args(["--probes", "sk-mlp,whitened-sk-mlp"]).probes == ["sk-mlp", "whitened-sk-mlp"]
     for bad in ("sk-mlp,bogus", "sk-mlp,sk-mlp", ",", "mlp"):  # mlp: its old name, now sk-mlp
@@ -510,3 +534,12 @@ def test_amp_runs_both_stages_with_finite_numbers(tmp_path):
         assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
     assert lines[0]["l1"] > 0 and 0 < lines[1]["hsic_x"] <= 1 and 0 < lines[1]["hsic_y"] <= 1
     assert all(0 <= v <= 1 for v in metrics.values()) and len(metrics) == 12
+
+
+def test_eval_probe_names_the_class_label_and_refuses_its_old_name_in_one_line(capsys):
+    import eval_probe
+    assert eval_probe.parse_args(["checkpoint.pt"]).pair_label == "class"
+    with pytest.raises(SystemExit) as e:
+        eval_probe.parse_args(["checkpoint.pt", "--pair-label", "digit"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "digit is now class" in err
