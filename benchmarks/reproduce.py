@@ -34,9 +34,6 @@ sys.path.insert(0, ROOT)
 # method -> (script, flags). A dataset other than the bundled digits adds --dataset and
 # --data-root (shared_exclusive: the colourful pairs built from it, see PAIR_DATASETS).
 SE_PROBES = ["--probes", "sk-mlp,whitened-sk-mlp"]
-SE_PAPER = ["--shared-dim", "64", "--shared-norm", "none", "--exclusive-dim", "8",
-            "--exclusive-norm", "none", "--l1", "0.1", "--adversarial", "0.1", "--hsic", "0",
-            "--local-layer", "c2", "--exclusive-local-layer", "c2"]  # the paper names no layer
 RECIPES = {
     # every script's defaults are its measured recipe (docs/<script>.md); --paper restores the
     # paper's configuration
@@ -51,9 +48,9 @@ RECIPES = {
     # shared/exclusive: the MLP probe and the MLP on PCA-whitened codes (what lies in
     # directions of small variance), in one run
     "shared_exclusive": ("shared_exclusive.py", SE_PROBES),
-    # the paper's recipe (arXiv:1912.03915): 64-d S and 8-d Z, neither normalised, L1 0.1,
-    # the S-Z adversary at 0.1 and no HSIC; the local maps as when this row was measured
-    "shared_exclusive_paper": ("shared_exclusive.py", [*SE_PAPER, *SE_PROBES]),
+    # the paper's configuration (arXiv:1912.03915): 64-d S and 8-d Z, neither normalised, L1
+    # 0.1, the S-Z adversary at 0.1 and no HSIC, c2's map for C(x); the recipe's stage lengths
+    "shared_exclusive_paper": ("shared_exclusive.py", ["--paper", *SE_PROBES]),
 }
 # lengths the benchmark sets where the paper's would not fit CPU minutes (DIM: 200 epochs
 # outside CIFAR, whose 2048-wide DIM(L) critic costs over a second a CPU step; InfoGAN and

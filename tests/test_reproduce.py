@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,16 +64,32 @@ def test_merge_joins_calls_run_side_by_side_and_refuses_a_clash(tmp_path):
 
 
 
-@pytest.mark.parametrize("script", ["dim_local", "dim_global", "infogan", "infoae"])
+@pytest.mark.parametrize("script", ["dim_local", "dim_global", "infogan", "infoae", "shared_exclusive"])
 def test_no_default_is_keyed_to_the_datasets_name(script):
     """What a run gets by default follows from the data (its size, its images), never from
     the name passed to --dataset: every value but --dataset parses the same for each name."""
     module = importlib.import_module(script)
+    names = (module.PAIR_DATASETS if script == "shared_exclusive" else  # its pairs
+             ("digits", "mnist", "fashion-mnist", "cifar10"))
     # --paper's epochs may be the paper's own per dataset (DIM: 1000 on CIFAR, 200 elsewhere)
     parsed = [{k: v for k, v in vars(module.parse_args(["--dataset", name, *flags])).items()
                if k != "dataset" and not (flags and k == "epochs")}
-              for name in ("digits", "mnist", "fashion-mnist", "cifar10") for flags in ([], ["--paper"])]
+              for name in names for flags in ([], ["--paper"])]
+    assert len(parsed) >= 6 and parsed[0] != parsed[1]  # --paper changes something
     assert all(p == parsed[0] for p in parsed[0::2]) and all(p == parsed[1] for p in parsed[1::2])
+
+
+def test_shared_exclusive_stage_lengths_follow_the_datas_size():
+    """The recipe's steps per stage, in whole epochs of --batch-size: colourful digits and
+    2,000 MNIST pairs keep about their old 36 + 24 and 20 + 20 epochs, 60,000 pairs run one."""
+    import common
+    import shared_exclusive
+    epochs = lambda n, stage: common.epochs_for_steps(shared_exclusive.RECIPE_STEPS[stage],
+                                                      common.Data("n", torch.zeros(n, 1, 1, 1),
+                                                                  torch.zeros(n), torch.zeros(1, 1, 1, 1),
+                                                                  torch.zeros(1), 10), 64)
+    assert [(epochs(n, 1), epochs(n, 2)) for n in (1437, 2000, 60000)] == [(36, 29), (26, 20), (1, 1)]
+    assert shared_exclusive.parse_args(["--epochs", "5"]).exclusive_epochs == 5  # --epochs sets both
 
 
 def test_merge_reads_older_files_whose_shared_exclusive_keys_said_digit(tmp_path):

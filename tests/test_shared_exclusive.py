@@ -543,3 +543,22 @@ def test_eval_probe_names_the_class_label_and_refuses_its_old_name_in_one_line(c
         eval_probe.parse_args(["checkpoint.pt", "--pair-label", "digit"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "digit is now class" in err
+
+
+def test_each_stage_runs_the_recipes_steps_and_paper_swaps_the_configuration(tmp_path):
+    """No --epochs: each stage's epochs come from RECIPE_STEPS and the 1,437 training pairs
+    (22 steps an epoch), recorded in args.json; --paper runs the paper's S, Z and adversary."""
+    for flags in ([], ["--paper"]):
+        run, _ = se.main(["--no-progress", "--max-steps", "1", "--embed-dim", "32", "--probes", "linear",
+                          "--eval-every", "0", "--n-queries", "2", "--out-dir", str(tmp_path / f"run{len(flags)}"),
+                          *flags])
+        with open(run.path("args.json")) as f:
+            args = json.load(f)
+        assert (args["epochs"], args["exclusive_epochs"]) == (36, 29)
+        stage2 = read_metrics(run.dir)[1]
+        expected = se.PAPER if flags else se.RECIPE
+        assert {k: args[k] for k in expected} == expected
+        adversary, hsic = "sz_disc" in stage2, "hsic_x" in stage2
+        assert (adversary, hsic) == ((True, False) if flags else (False, True))
+    final = torch.load(run.path("exclusive_y.pt"), weights_only=True)["encoder"]
+    assert final["out.weight"].shape == (8, 1024) and "y_norm.running_cov" not in final  # 8-d Z, not whitened
