@@ -11,7 +11,8 @@ pairs built from them). Every run is evaluated with eval_probe.py's probes (DIM)
 the numbers the script logs for its own representation (InfoGAN and InfoAE: clustering
 accuracy of the categorical code; shared/exclusive: what S and Z predict). The baselines are
 measured in the same call: logistic regression, cosine 20-NN and k-means on raw pixels, and
-the untrained encoder.
+the untrained encoder; with shared_exclusive rows, the grey images' own level too (its MLP
+probe on the class from the grey pixels and from their first 16 and 32 principal components).
 
 Numbers depend on the thread count (float reductions are split differently), the torch
 version and the device, so the runs use a fixed --threads and the JSON records all three.
@@ -232,6 +233,32 @@ def pixel_baselines(dataset, data_root):
             "pixels_kmeans": common.kmeans_accuracy(vx, vy, data.n_classes, seed=0)}
 
 
+def grey_baselines(dataset, data_root, seed=0):
+    """The grey images' own level for shared_exclusive's pairs: the script's MLP probe (sk-mlp)
+    predicting the class from the grey source's raw pixels and from their first 16 and 32
+    principal components (fitted on the train split), test accuracy. S's class accuracy is
+    read against these: a code cannot hold more class than the images it is computed from."""
+    import warnings
+    from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+    import common
+    import shared_exclusive
+    data = common.load_data(dataset, data_root or "./data")
+    flat = lambda x: (x.float() / 255).flatten(1).numpy()
+    tx, vx = flat(data.train_x), flat(data.test_x)
+    ty, vy = data.train_y.numpy(), data.test_y.numpy()
+    levels = {}
+    # as the script's evaluation table fits it: one BLAS thread, convergence warnings ignored
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for name, dims in (("grey_pixels_mlp", None), ("grey_pca16_mlp", 16), ("grey_pca32_mlp", 32)):
+            pca = PCA(dims, random_state=seed).fit(tx) if dims else None
+            tr, te = (pca.transform(tx), pca.transform(vx)) if pca else (tx, vx)
+            levels[name] = shared_exclusive.probe_accuracy("sk-mlp", tr, ty, te, vy, seed)
+    return levels
+
+
 COLUMNS = {  # method -> the metrics its row shows
     "dim_local": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
     "dim_global": ["y_linear", "y_knn", "y_kmeans", "conv_linear"],
@@ -264,6 +291,9 @@ def markdown(results):
     if b:
         knn = f", 20-NN {b['pixels_knn']:.3f}" if "pixels_knn" in b else ""
         lines.append(f"| raw pixels | | | linear {b['pixels_linear']:.3f}{knn}, k-means {b['pixels_kmeans']:.3f} | |")
+    if "grey_pixels_mlp" in b:
+        lines.append(f"| grey images, MLP probe on the class | | | pixels {b['grey_pixels_mlp']:.3f}, "
+                     f"PCA-16 {b['grey_pca16_mlp']:.3f}, PCA-32 {b['grey_pca32_mlp']:.3f} | |")
     return "\n".join(lines)
 
 
@@ -314,6 +344,8 @@ def main(argv=None):
     results = {"environment": environment(args.threads),
                "dataset": args.dataset, "data_root": args.data_root,
                "baselines": {} if args.no_baselines else pixel_baselines(args.dataset, args.data_root)}
+    if not args.no_baselines and any(m.startswith("shared_exclusive") for m in args.only):
+        results["baselines"].update(grey_baselines(args.dataset, args.data_root))
     keep = args.keep_runs or tempfile.mkdtemp(prefix="reproduce-")
     for method in args.only:
         for seed in args.seeds:

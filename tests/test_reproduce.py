@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py end to end at a few steps: every recipe's keys reach the JSON."""
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -109,3 +110,20 @@ def test_merge_reads_older_files_whose_shared_exclusive_keys_said_digit(tmp_path
     (row,) = [l for l in proc.stdout.splitlines() if l.startswith("| shared_exclusive |")]
     assert ("S class 0.910 / 0.920, S colour 0.110 / 0.120, Z colour 1.000 / 0.990, Z class 0.130 / 0.140; "
             "whitened-sk-mlp S class 0.911 / 0.921") in row
+
+
+def test_grey_baselines_read_the_class_from_pixels_and_principal_components():
+    """shared_exclusive's yardstick: the MLP probe on the bundled digits' grey pixels and on
+    their first 16 / 32 principal components predicts the digit far above chance (0.10), and
+    the table shows the three levels."""
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "benchmarks", "reproduce.py"))
+    reproduce = importlib.util.module_from_spec(spec)  # as the user runs it (not a package)
+    spec.loader.exec_module(reproduce)
+    levels = reproduce.grey_baselines("digits", None)
+    assert set(levels) == {"grey_pixels_mlp", "grey_pca16_mlp", "grey_pca32_mlp"}
+    assert levels["grey_pixels_mlp"] > 0.95 and levels["grey_pca16_mlp"] > 0.9 and levels["grey_pca32_mlp"] > 0.9
+    assert levels["grey_pca16_mlp"] != levels["grey_pca32_mlp"]  # two projections, not one
+    table = reproduce.markdown({"dataset": "digits", "baselines": {"pixels_linear": 0.9, "pixels_kmeans": 0.8,
+                                                                     **levels}})
+    assert (f"| grey images, MLP probe on the class | | | pixels {levels['grey_pixels_mlp']:.3f}, "
+            f"PCA-16 {levels['grey_pca16_mlp']:.3f}, PCA-32 {levels['grey_pca32_mlp']:.3f} | |") in table
