@@ -92,9 +92,9 @@ def probe_list(text):
 # (docs/shared_exclusive.md); `--paper` restores the paper's configuration (arXiv:1912.03915,
 # Sec. 4) instead, with the c2 map for both stages' C(x), which the paper does not name. A flag
 # given on the command line wins over both. Stage lengths, under --paper too: the fewest whole
-# epochs that make RECIPE_STEPS[stage] steps of --batch-size 64, whatever the data's size:
-# stage 1 792 steps, 36 epochs of 1,437 pairs (22 steps), 26 of 2,000 (31), 1 of 60,000 (937);
-# stage 2 620 steps, 29, 20 and 1 epochs.
+# epochs that make RECIPE_STEPS[stage] steps, whatever the data's size. At batch 64, stage 1's
+# 792 steps are 36 epochs of 1,437 pairs (22 steps each), 26 of 2,000 (31), 1 of 60,000 (937);
+# stage 2's 620 are 29, 20 and 1.
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
          "exclusive_local_layer": "c2"}
