@@ -9,10 +9,11 @@ Maximise, over the encoder E and the critics (paper Eq. 8),
     alpha * I(X; y) + beta * mean_i I(C_i(X); y) - gamma * D(Uniform || sigmoid(y)),
 
 with y = E(x) and C(x) the last conv map. DIM(G) is alpha=1, beta=0, gamma=1 (`--paper`;
-the recipe sets gamma=0): the global critic flattens C(x), concatenates y and scores the pair with an MLP
-(512-512-1); negatives pair y with the conv map of another image. The local term is one flag
-away (`--beta 1`), so DIM(L+G) is a setting of either script. dim_local.py is the same
-script with DIM(L)'s defaults, so `diff dim_local.py dim_global.py` shows only the defaults.
+the recipe sets gamma=0): the paper's global critic flattens C(x), concatenates y and scores
+the pair with an MLP (512-512-1); negatives pair y with the conv map of another image. The
+local term is one flag away (`--beta 1`), so DIM(L+G) is a setting of either script.
+dim_local.py is the same script with DIM(L)'s defaults, so `diff dim_local.py dim_global.py`
+shows only the defaults.
 
     python dim_global.py                                   # digits, ~2 min on 2 CPU cores
     python dim_global.py --dataset fashion-mnist --data-root DIR   # 60,000 images
@@ -32,11 +33,13 @@ Where this script fills gaps in or departs from the paper:
   it natively (`--no-amp`: fp32).
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), batches of 256 (paper 64, which caps infoNCE at log 64).
+- Recipe: `--global-critic dot` embeds flattened C(x) and y (128 wide) and scores their dot
+  product, as the local critic does (paper: the MLP, `--global-critic mlp`; same accuracy).
 - Recipe length: 8 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
   on CIFAR). The k-NN monitor reads fixed subsets every `--log-every` steps.
 - Negatives: every other image's conv map in the batch (N-1 per positive), all N x N pairs
-  scored at once by splitting the critic's first linear layer; infoNCE is therefore bounded
-  by log N.
+  scored at once (the MLP's first linear layer split per input); infoNCE is therefore
+  bounded by log N.
 - Prior matching uses the non-saturating GAN loss for the encoder (the paper's Eq. 7 is the
   saturating minimax form); the discriminator is updated once per encoder step.
 
@@ -73,9 +76,11 @@ NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow
 # paper's configuration instead (arXiv:1808.06670, Sec. 4 and App. A.2). A flag given on the
 # command line wins over both. Lengths: the paper's epochs, or the recipe's (recipe_epochs).
 PAPER = {"amp": False, "batch_size": 64, "lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048,
-         "shift": 0, "cross_view": "none", "flip": 0.0, "jitter": 0.0, "gamma": 1.0}
+         "shift": 0, "cross_view": "none", "flip": 0.0, "jitter": 0.0,
+         "global_critic": "mlp", "gamma": 1.0}
 RECIPE = {"batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2,
-          "cross_view": "warp", "flip": 0.0, "jitter": 0.4, "gamma": 0.0}  # amp: native_bf16
+          "cross_view": "warp", "flip": 0.0, "jitter": 0.4,
+          "global_critic": "dot", "gamma": 0.0}  # amp: native_bf16
 
 
 def parse_args(argv=None):
@@ -94,6 +99,10 @@ def parse_args(argv=None):
                    help="MI estimator: jsd, infonce or dv (Table 1)")
     p.add_argument("--critic", default="dot", choices=["dot", "concat"],
                    help="local critic: encode-and-dot-product or concat-and-convolve")
+    p.add_argument("--global-critic", default=None, choices=["mlp", "dot"],
+                   help="global critic: an MLP on (flattened C(x), y), or encode-and-dot-product "
+                        f"of the two (paper {PAPER['global_critic']}, recipe "
+                        f"{RECIPE['global_critic']}: same accuracy, faster)")
     p.add_argument("--alpha", type=common.nonneg_float, default=1.0,
                    help="weight of global MI (alpha, Eq. 8)")
     p.add_argument("--beta", type=common.nonneg_float, default=0.0,
@@ -257,7 +266,11 @@ def build_critics(args, encoder, shapes, local_layer):
     """Only the terms with a non-zero weight get a network (and an optimiser entry)."""
     critics = {}
     if args.alpha > 0:
-        critics["global_critic"] = common.GlobalCritic(math.prod(shapes["conv"]), args.y_dim)
+        conv_dim = math.prod(shapes["conv"])
+        critics["global_critic"] = (common.GlobalCritic(conv_dim, args.y_dim)
+                                    if args.global_critic == "mlp" else
+                                    common.GlobalDotCritic(conv_dim, args.y_dim, args.embed_dim,
+                                                           scale=args.score_scale))
     if args.beta > 0:
         channels = shapes[local_layer][0]
         critics["local_critic"] = (common.DotCritic(args.y_dim, channels, args.embed_dim,

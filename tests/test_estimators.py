@@ -137,8 +137,16 @@ def test_all_pairs_scores_equal_a_naive_loop():
                                         for m in range(5)]) for n in range(5)])
     assert torch.allclose(glob(y, local_map), naive_g, atol=1e-5)
 
+    gdot = common.GlobalDotCritic(8 * 9, 16, embed_dim=32, scale=0.5)
+    g = gdot.embed_global(y)
+    c = gdot.l_norm(gdot.l_mlp[2](torch.relu(gdot.l_mlp[0](local_map.flatten(1)[:, :, None, None])))
+                    .flatten(1) + gdot.l_skip(local_map.flatten(1)[:, :, None, None]).flatten(1))
+    naive_d = torch.stack([torch.stack([0.5 * (c[m] @ g[n]) for m in range(5)]) for n in range(5)])
+    assert gdot(y, local_map).shape == (5, 5)
+    assert torch.allclose(gdot(y, local_map), naive_d, atol=1e-5)
 
-@pytest.mark.parametrize("critic", ["dot", "concat", "global"])
+
+@pytest.mark.parametrize("critic", ["dot", "concat", "global", "global-dot"])
 def test_gradients_reach_every_encoder_layer(critic):
     torch.manual_seed(0)
     enc = common.DCGANEncoder(in_channels=1, y_dim=16)
@@ -147,8 +155,10 @@ def test_gradients_reach_every_encoder_layer(critic):
         scores = common.DotCritic(16, 128, 32)(out["y"], out["c2"])
     elif critic == "concat":
         scores = common.ConcatCritic(16, 128, 32)(out["y"], out["c2"])
-    else:
+    elif critic == "global":
         scores = common.GlobalCritic(256 * 16, 16, 32)(out["y"], out["conv"])
+    else:
+        scores = common.GlobalDotCritic(256 * 16, 16, 32)(out["y"], out["conv"])
     (-common.infonce_bound(scores)).backward()
     for name, p in enc.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
