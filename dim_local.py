@@ -25,10 +25,11 @@ Where this script fills gaps in or departs from the paper:
   paper's raw dot product): raw 2048-d products spread by about 12 at initialisation, so
   infoNCE's softmax over ~4,000 candidates starts saturated and learns only from the largest.
 - Recipe: `--shift 2` translates training images by up to 2 px (paper: no augmentation).
-- Recipe: `--cross-view warp --jitter 0.4`: y from a second, independently warped view of
+- Recipe: `--cross-view warp --jitter 0.8`: y from a second, independently warped view of
   each image with its own contrast and brightness, as in AMDIM (Bachman et al. 2019,
   arXiv:1906.00910); `--flip` (off) also mirrors it. bf16 autocast where the device computes
   it natively (`--no-amp`: fp32).
+- Recipe: y is 128-d (paper 64, `--y-dim 64`).
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), a 128-wide dot critic (paper 2048: most of a CPU step).
 - Recipe length: 8 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
@@ -73,10 +74,10 @@ NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow
 # paper's configuration instead (arXiv:1808.06670, Sec. 4 and App. A.2). A flag given on the
 # command line wins over both. Lengths: the paper's epochs, or the recipe's (recipe_epochs).
 PAPER = {"amp": False, "batch_size": 64, "lr": 1e-4, "lr_schedule": "constant", "embed_dim": 2048,
-         "shift": 0, "cross_view": "none", "flip": 0.0, "jitter": 0.0,
+         "shift": 0, "cross_view": "none", "flip": 0.0, "jitter": 0.0, "y_dim": 64,
          "global_critic": "mlp", "gamma": 0.1}
 RECIPE = {"batch_size": 64, "lr": 1e-3, "lr_schedule": "cosine", "embed_dim": 128, "shift": 2,
-          "cross_view": "warp", "flip": 0.0, "jitter": 0.4,
+          "cross_view": "warp", "flip": 0.0, "jitter": 0.8, "y_dim": 128,
           "global_critic": "dot", "gamma": 0.0}  # amp: native_bf16
 
 
@@ -113,7 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--local-layer", default=None,
                    help="encoder tap giving C(x) for the local objective (default: the "
                         "encoder's next-to-last conv map, as for CIFAR in the paper)")
-    p.add_argument("--y-dim", type=common.positive_int, default=64, help="size of y = E(x)")
+    p.add_argument("--y-dim", type=common.positive_int, default=None,
+                   help=f"size of y = E(x) (paper {PAPER['y_dim']}, recipe {RECIPE['y_dim']})")
     p.add_argument("--embed-dim", type=common.width_int, default=None,
                    help=f"dot critic embedding width (paper {PAPER['embed_dim']}, recipe "
                         f"{RECIPE['embed_dim']}: faster on a CPU)")

@@ -51,7 +51,9 @@ def test_smoke_three_steps_write_a_checkpoint_that_eval_probe_rebuilds(tmp_path,
     taps = [r["tap"] for r in result["results"]]
     assert taps == ["conv", "fc", "y"]
     assert result["results"][2]["linear"] == pytest.approx(metrics[-1]["linear_y"], abs=1e-9)
-    assert metrics[-1]["linear_y"] != metrics[-1]["linear_y_random_init"]  # two encoders
+    final = metrics[-1]  # two encoders: one of their three probes differs (one can tie on 360 digits)
+    assert ([final[k] for k in ("linear_y", "kmeans_y", "knn_y")]
+            != [final[k + "_random_init"] for k in ("linear_y", "kmeans_y", "knn_y")])
     assert os.path.exists(os.path.join(run.dir, "eval.json"))
 
 
