@@ -1032,7 +1032,6 @@ class GlobalCritic(nn.Module):
         return self.rest(h).squeeze(-1)  # (N, N): positives on the diagonal
 
 
-
 class GlobalDotCritic(DotCritic):
     """DIM(G) with the encode-and-dot-product critic: the flattened last conv map is the
     local side of a DotCritic with a single 1x1 location. Scores all N x N (y_n, C(x_m))."""
@@ -1043,6 +1042,7 @@ class GlobalDotCritic(DotCritic):
     def forward(self, global_feat, conv_map, gather=None):
         flat = conv_map.flatten(1)[:, :, None, None]
         return super().forward(global_feat, flat, gather=gather).squeeze(-1)  # (N, N)
+
 
 # ----------------------------------------------------------------------------------------
 # Multi-GPU (torchrun): DDP, sharded data, negatives gathered across ranks, rank 0 writes
