@@ -36,7 +36,7 @@ Where this script fills gaps in or departs from the paper:
   term (`--gamma 0`), batches of 256 (paper 64, which caps infoNCE at log 64).
 - Recipe: `--global-critic dot` embeds flattened C(x) and y (128 wide) and scores their dot
   product, as the local critic does (paper: the MLP, `--global-critic mlp`; same accuracy).
-- Recipe length: 8 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
+- Recipe length: 16 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
   on CIFAR). The k-NN monitor reads fixed subsets every `--log-every` steps.
 - Negatives: every other image's conv map in the batch (N-1 per positive), all N x N pairs
   scored at once (the MLP's first linear layer split per input); infoNCE is therefore
@@ -173,7 +173,7 @@ def parse_args(argv=None):
     return args
 
 
-def recipe_epochs(n_train, batch_size, min_images=620 * 64, min_epochs=8):
+def recipe_epochs(n_train, batch_size, min_images=620 * 64, min_epochs=16):
     """The recipe's length: at least `min_epochs` passes over the data and at least
     `min_images` images through the optimiser (what small sets need: 620 steps of 64),
     whichever is longer."""

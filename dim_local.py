@@ -32,7 +32,7 @@ Where this script fills gaps in or departs from the paper:
 - Recipe: y is 128-d (paper 64, `--y-dim 64`).
 - Recipe: Adam at 1e-3 with a cosine decay over the run (paper: 1e-4, constant), no prior
   term (`--gamma 0`), a 128-wide dot critic (paper 2048: most of a CPU step).
-- Recipe length: 8 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
+- Recipe length: 16 epochs or 620 x 64 images, whichever is longer (paper: 200 epochs, 1000
   on CIFAR). The k-NN monitor reads fixed subsets every `--log-every` steps.
 - Negatives: every local feature of every other image in the batch ((N-1)*M^2 per positive),
   scored with one einsum; infoNCE is therefore bounded by log((N-1)*M^2 + 1).
@@ -170,7 +170,7 @@ def parse_args(argv=None):
     return args
 
 
-def recipe_epochs(n_train, batch_size, min_images=620 * 64, min_epochs=8):
+def recipe_epochs(n_train, batch_size, min_images=620 * 64, min_epochs=16):
     """The recipe's length: at least `min_epochs` passes over the data and at least
     `min_images` images through the optimiser (what small sets need: 620 steps of 64),
     whichever is longer."""
