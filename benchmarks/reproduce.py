@@ -199,7 +199,7 @@ def probe(checkpoint, threads, log_path, random_init=False):
         # the README's y_knn: scikit-learn's uniform vote, as when the tables were measured
         run(["python", "eval_probe.py", checkpoint, "--probes", probes, "--taps", tap,
              "--knn-rule", "uniform", "--out", out, *(["--random-init"] if random_init else [])],
-            threads, log_path.replace(".log", f"-{tap}.log"))
+            threads, f"{os.path.splitext(log_path)[0]}-{tap}.log")
         with open(out) as f:
             results.update({r["tap"]: r for r in json.load(f)["results"]})
     return results

@@ -188,3 +188,4 @@ def test_paper_restores_the_papers_configuration_and_a_given_flag_wins():
     mixed = dim_local.parse_args(["--paper", "--gamma", "0", "--embed-dim", "512"])
     assert (mixed.gamma, mixed.embed_dim, mixed.lr) == (0.0, 512, 1e-4)
     assert dim_local.recipe_epochs(60000, 64) == 16 and dim_local.recipe_epochs(1437, 64) == 29
+    assert dim_local.recipe_epochs(2000, 64) == 20  # mnist-dev: the 620 x 64-image rule, unchanged
