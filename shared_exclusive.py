@@ -37,7 +37,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Stage lengths: whole epochs that make 792 + 620 steps, stage 1 at least 3 epochs, --paper too.
 - Stage 2's MI weights, not given: stage 1's (local 1, global 0.5).
 - C(x), not given: c2's 8x8 map under --paper; the recipe's S the 4x4 conv map (less background).
-- Recipe: S whitened (Whitening), 16-d, not unbounded, 64-d: unbounded S pays L1 by shrinking.
+- Recipe: S whitened (Whitening), 32-d, not unbounded, 64-d: unbounded S pays L1 by shrinking.
 - Recipe: the L1 term weighs 3.0, not 0.1, which goes with the paper's unstated scale of S.
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
@@ -100,10 +100,10 @@ def probe_list(text):
 # stage 2's 620 steps are 29, 20 and 1.
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
-         "exclusive_local_layer": "c2", "lr": 1e-4}
-RECIPE = {"shared_dim": 16, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
+         "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False}
+RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
-          "exclusive_local_layer": "c2", "lr": 5e-4}
+          "exclusive_local_layer": "c2", "lr": 5e-4}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 3
 
 
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     # --epochs and --max-steps (per stage) while keeping their spelling.
     p = common.ArgumentParser(description="Shared and exclusive representations by MI estimation",
                               conflict_handler="resolve")
-    common.add_common_args(p, epochs=None, batch_size=64, lr=None, eval_every=3)
+    common.add_common_args(p, epochs=None, batch_size=64, lr=None, eval_every=3, amp=None)
     p.add_argument("--paper", action="store_true",
                    help="the paper's configuration instead of the recipe (see PAPER, RECIPE; the "
                         "same stage lengths)")
@@ -153,7 +153,7 @@ def parse_args(argv=None):
                         f"{PAPER['exclusive_local_layer']}, recipe {RECIPE['exclusive_local_layer']})")
     p.add_argument("--shared-dim", type=common.positive_int, default=None,
                    help=f"size of S (paper {PAPER['shared_dim']}, recipe {RECIPE['shared_dim']}: "
-                        f"more whitened dimensions took colour in, see the docstring)")
+                        f"whitened, so it needs a batch of more than {RECIPE['shared_dim']} per process)")
     p.add_argument("--exclusive-dim", type=common.positive_int, default=None,
                    help=f"size of Z (paper {PAPER['exclusive_dim']}, not whitened; recipe "
                         f"{RECIPE['exclusive_dim']}: a whitened Z must give every direction unit "
@@ -773,6 +773,8 @@ def train(args):
         raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
                         f"images, so at most {len(pair.test_x) - 8} queries")
     common.check_batch(args.batch_size, world, len(pair.train_x))
+    if args.amp is None:  # the recipe: bf16 where the device computes it natively
+        args.amp = common.native_bf16(device)
     if args.epochs is None:  # the recipe's: set by the data's size
         args.epochs = stage_epochs(1, pair, args.batch_size, world)
     if args.exclusive_epochs is None:

@@ -13,7 +13,7 @@ import common
 import shared_exclusive as se
 
 FAST = ["--no-progress", "--max-steps", "2", "--epochs", "1", "--batch-size", "32",
-        "--embed-dim", "32", "--probes", "linear", "--n-queries", "2"]
+        "--embed-dim", "32", "--shared-dim", "16", "--probes", "linear", "--n-queries", "2"]
 
 
 def digits_gray():
