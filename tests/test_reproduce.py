@@ -83,14 +83,14 @@ def test_no_default_is_keyed_to_the_datasets_name(script):
 def test_shared_exclusive_stage_lengths_follow_the_datas_size():
     """The recipe's stage lengths, in whole epochs of --batch-size: colourful digits and 2,000
     MNIST pairs keep 36 + 29 and 26 + 20 epochs (792 + 620 steps); 60,000 pairs run stage 1 for
-    its 3-epoch minimum and stage 2 for one epoch."""
+    its 5-epoch minimum and stage 2 for one epoch."""
     import common
     import shared_exclusive
     data = lambda n: common.Data("n", torch.zeros(n, 1, 1, 1), torch.zeros(n),
                                  torch.zeros(1, 1, 1, 1), torch.zeros(1), 10)
     lengths = [tuple(shared_exclusive.stage_epochs(stage, data(n), 64) for stage in (1, 2))
                for n in (1437, 2000, 60000)]
-    assert lengths == [(36, 29), (26, 20), (3, 1)]
+    assert lengths == [(36, 29), (26, 20), (5, 1)]
     assert shared_exclusive.parse_args(["--epochs", "5"]).exclusive_epochs == 5  # --epochs sets both
 
 
