@@ -42,6 +42,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
 - Recipe: Z whitened and 2-d, not unbounded and 8-d: twelve hues fit on a circle.
+- Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
 - HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
 - Adversary: Z shuffled along a random cycle, so no sample meets its own Z.
