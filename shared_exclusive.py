@@ -115,6 +115,7 @@ def stage_epochs(stage, data, batch_size, world=1):
     epochs = common.epochs_for_steps(RECIPE_STEPS[stage], data, batch_size, world)
     return max(STAGE1_MIN_EPOCHS, epochs) if stage == 1 else epochs
 
+
 def parse_args(argv=None):
     # conflict_handler="resolve": this script replaces common's --dataset (pair datasets),
     # --epochs and --max-steps (per stage) while keeping their spelling.
