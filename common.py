@@ -1684,10 +1684,13 @@ def knn_monitor(encoder, data, device, tap="y", k=20, batch_size=500, rule="weig
 # The training loop's bookkeeping, the same in every script
 # ----------------------------------------------------------------------------------------
 def start(args):
-    """Join torchrun's processes (if any), set the matmul precision and seed everything:
+    """Join torchrun's processes (if any), set the matmul precision, resolve a recipe's --amp
+    default (None: bf16 where the device computes it natively) and seed everything:
     (device, rank, world size)."""
     device, rank, world = init_distributed(args.device)
     set_precision(device, args.deterministic)
+    if getattr(args, "amp", False) is None:
+        args.amp = native_bf16(device)
     seed_everything(args.seed)
     return device, rank, world
 

@@ -374,8 +374,6 @@ def train(args):
     main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
-    if args.amp is None:  # the recipe: bf16 where the device computes it natively
-        args.amp = common.native_bf16(device)
     if args.epochs is None:  # the recipe's length, from the data's size (in args.json)
         args.epochs = recipe_epochs(len(data.train_x), args.batch_size)
     enc_cfg = common.encoder_config(args.encoder, data.image_shape, args.y_dim)

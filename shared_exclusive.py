@@ -775,8 +775,6 @@ def train(args):
         raise UserError(f"--n-queries {args.n_queries}: the test split has {len(pair.test_x)} "
                         f"images, so at most {len(pair.test_x) - 8} queries")
     common.check_batch(args.batch_size, world, len(pair.train_x))
-    if args.amp is None:  # the recipe: bf16 where the device computes it natively
-        args.amp = common.native_bf16(device)
     if args.epochs is None:  # the recipe's: set by the data's size
         args.epochs = stage_epochs(1, pair, args.batch_size, world)
     if args.exclusive_epochs is None:
