@@ -659,36 +659,33 @@ def probe_accuracy(kind, train_x, train_y, test_x, test_y, seed):
     return float(clf.score(test_x, test_y))
 
 
-def evaluation_table(reps, pair, kind, seed):
-    """Rows of accuracy per representation and target, and the flat metrics dict."""
+def _probe_job(kind, train_x, train_y, test_x, test_y, seed):
+    """One probe fit, on one BLAS thread: these fits are small, and threads spinning on a busy
+    CPU made them many times slower; evaluate() runs several at once instead."""
     import warnings
     from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
-    rows, metrics = [], {}
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return probe_accuracy(kind, train_x, train_y, test_x, test_y, seed)
+
+
+def evaluate(reps, pair, probes, seed, jobs=1):
+    """Every probe's accuracy on every representation and label, `jobs` fits at a time:
+    the flat metrics (the first probe's keys acc_SX_class and so on, every other probe's with
+    _<probe> appended) and [(probe, rows)], a row per representation."""
+    from joblib import Parallel, delayed
     tr_lab, te_lab = pair.train_labels.cpu().numpy(), pair.test_labels.cpu().numpy()
-    for rep, (tr, te) in reps.items():
-        row = {"representation": rep[0] + "_" + rep[1]}
-        for col, target in enumerate(PAIR_LABELS):
-            # one BLAS thread: these fits are small, and threads spinning on a busy CPU made
-            # them many times slower
-            with warnings.catch_warnings(), threadpool_limits(1):
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                acc = probe_accuracy(kind, tr, tr_lab[:, col], te, te_lab[:, col], seed)
-            row[target] = acc
-            metrics[f"acc_{rep}_{target}"] = acc
-        rows.append(row)
-    return rows, metrics
-
-
-def evaluate(reps, pair, probes, seed):
-    """Every probe's evaluation table: the flat metrics (the first probe's keys acc_SX_class
-    and so on, every other probe's with _<probe> appended) and [(probe, rows)]."""
-    metrics, tables = {}, []
-    for i, probe in enumerate(probes):
-        rows, accs = evaluation_table(reps, pair, probe, seed)
-        metrics.update({k + ("" if i == 0 else "_" + probe): v for k, v in accs.items()})
-        tables.append((probe, rows))
-    return metrics, tables
+    fits = [(probe, rep, col) for probe in probes for rep in reps for col in range(len(PAIR_LABELS))]
+    accs = Parallel(n_jobs=min(jobs, len(fits)))(
+        delayed(_probe_job)(probe, reps[rep][0], tr_lab[:, col], reps[rep][1], te_lab[:, col], seed)
+        for probe, rep, col in fits)
+    metrics, rows = {}, {}
+    for (probe, rep, col), acc in zip(fits, accs):
+        target = PAIR_LABELS[col]
+        metrics[f"acc_{rep}_{target}" + ("" if probe == probes[0] else "_" + probe)] = acc
+        rows.setdefault(probe, {}).setdefault(rep, {"representation": rep[0] + "_" + rep[1]})[target] = acc
+    return metrics, [(probe, list(rows[probe].values())) for probe in probes]
 
 
 def knn_monitor(encoders, pair, device, parts, rule="weighted"):
@@ -892,7 +889,7 @@ def train(args):
         return run, {}
     stages_done = {s for s, _ in plan} | ({1} if shared_done else set())
     reps = representations(encoders, pair, device, stages_done)
-    metrics, tables = evaluate(reps, pair, args.probes, args.seed)
+    metrics, tables = evaluate(reps, pair, args.probes, args.seed, jobs=torch.get_num_threads())
     run.log(step=step, probe=",".join(args.probes), **metrics,
             **{k + "_random_init": v for k, v in knn_random_init.items()})
     save_neighbours(reps, pair, run.path("neighbours.png"), args.n_queries)

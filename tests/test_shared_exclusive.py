@@ -396,6 +396,8 @@ def test_every_probe_of_the_list_gets_its_own_keys_and_bad_lists_are_refused():
     assert set(metrics) == {f"acc_SX_{t}{s}" for t in se.PAIR_LABELS for s in ("", "_sk-mlp")}
     assert metrics["acc_SX_class"] > 0.95 and metrics["acc_SX_class_sk-mlp"] > 0.95
     assert metrics["acc_SX_foreground"] < 0.3 and metrics["acc_SX_foreground_sk-mlp"] < 0.3
+    # two fits at a time: the same numbers, in the same places
+    assert se.evaluate({"SX": (codes[:300], codes[300:])}, pair, ["linear", "sk-mlp"], 0, jobs=2) == (metrics, tables)
     assert se.parse_args(["--probes", "sk-mlp,whitened-sk-mlp"]).probes == ["sk-mlp", "whitened-sk-mlp"]
     for bad in ("sk-mlp,bogus", "sk-mlp,sk-mlp", ",", "mlp"):  # mlp: its old name, now sk-mlp
         with pytest.raises(SystemExit):
