@@ -41,7 +41,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Recipe: the L1 term weighs 3.0, not 0.1, which goes with the paper's unstated scale of S.
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
-- Recipe: Z whitened and 2-d, not unbounded and 8-d: twelve hues fit on a circle.
+- Recipe: Z 2-d, whitened and on the circle, not unbounded and 8-d: twelve hues are an angle.
 - Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
 - HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
@@ -70,7 +70,7 @@ NAN_HINT = "lower --lr, or use --loss jsd/infonce (the DV bound is known to blow
 CODE = "y"  # the encoders' output tap that holds the code (S or Z), DIM's global feature
 REPS = ("SX", "SY", "ZX", "ZY")  # representation names used in metric keys (acc_SX_class ...)
 # the encoder behind each --shared-norm / --exclusive-norm
-NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "none": "dcgan"}
+NORM_ARCH = {"batch": "dcgan-std", "whiten": "dcgan-white", "sphere": "dcgan-sphere", "none": "dcgan"}
 
 
 # sk-mlp is scikit-learn's MLPClassifier (eval_probe.py's mlp is a torch MLP with dropout)
@@ -102,7 +102,7 @@ def probe_list(text):
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
          "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False}
-RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
+RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "sphere",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
           "exclusive_local_layer": "c2", "lr": 5e-4}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 5
@@ -158,8 +158,8 @@ def parse_args(argv=None):
                         f"whitened, so it needs a batch of more than {RECIPE['shared_dim']} per process)")
     p.add_argument("--exclusive-dim", type=common.positive_int, default=None,
                    help=f"size of Z (paper {PAPER['exclusive_dim']}, not whitened; recipe "
-                        f"{RECIPE['exclusive_dim']}: a whitened Z must give every direction unit "
-                        f"variance, see the docstring)")
+                        f"{RECIPE['exclusive_dim']}, on the circle: a whitened Z must give every "
+                        f"direction unit variance, see the docstring)")
     p.add_argument("--shared-local", type=common.nonneg_float, default=1.0,
                    help="stage 1 weight of the cross local MI I(C(X); S_Y) + I(C(Y); S_X)")
     p.add_argument("--shared-global", type=common.nonneg_float, default=0.5,
@@ -185,8 +185,9 @@ def parse_args(argv=None):
                    help=f"S whitened over the batch (Whitening), standardised per dimension "
                         f"(BatchNorm without affine) or left unbounded (paper "
                         f"{PAPER['shared_norm']}, recipe {RECIPE['shared_norm']})")
-    p.add_argument("--exclusive-norm", default=None, choices=["none", "whiten"],
-                   help=f"Z left as the encoder gives it or whitened over the batch like S (paper "
+    p.add_argument("--exclusive-norm", default=None, choices=["none", "whiten", "sphere"],
+                   help=f"Z left as the encoder gives it, whitened over the batch like S, or whitened and "
+                        f"put on a sphere, its direction alone (paper "
                         f"{PAPER['exclusive_norm']}, recipe {RECIPE['exclusive_norm']})")
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
                    help="steps of the S-Z discriminator D (each on a new shuffle of the batch) per "
@@ -439,8 +440,28 @@ class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
     norm = Whitening
 
 
+class UnitSphere(nn.Module):
+    """Whitening, then each code scaled to length sqrt(dim) (the mean length of a white code):
+    only its direction is left to carry information."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.white = Whitening(dim)
+
+    def forward(self, y):
+        return F.normalize(self.white(y), dim=1) * math.sqrt(y.shape[1])
+
+
+class SphericalDCGANEncoder(StandardizedDCGANEncoder):
+    """The encoder with its code whitened and put on a sphere (`UnitSphere`): `--exclusive-norm
+    sphere`, a 2-d Z that is an angle alone, the circle twelve hues fit on. A whitened Z's
+    length followed how much of the image the colour covers, and so the class."""
+
+    norm = UnitSphere
+
+
 ENCODERS = {**common.ENCODERS, "dcgan-std": StandardizedDCGANEncoder,
-            "dcgan-white": WhitenedDCGANEncoder}
+            "dcgan-white": WhitenedDCGANEncoder, "dcgan-sphere": SphericalDCGANEncoder}
 
 
 # ----------------------------------------------------------------------------------------

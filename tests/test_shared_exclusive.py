@@ -485,6 +485,32 @@ def test_whitened_encoder_passes_gradients_through_its_statistics_and_reloads():
         assert torch.allclose(copy(x)["y"], enc(x)["y"])
 
 
+def test_spherical_code_keeps_only_its_direction_and_reloads():
+    """--exclusive-norm sphere: whitened, then every code at length sqrt(dim), so a code's
+    length can carry nothing; the direction still spreads over the circle."""
+    torch.manual_seed(0)
+    cfg = common.encoder_config(se.NORM_ARCH["sphere"], (3, 32, 32), 2, se.ENCODERS)
+    enc = common.build_encoder(cfg, se.ENCODERS)
+    x = torch.randn(48, 3, 32, 32)
+    z = enc(x)["y"]
+    assert torch.allclose(z.norm(dim=1), torch.full((48,), 2 ** 0.5), atol=1e-4)
+    angle = torch.atan2(z[:, 1], z[:, 0])
+    assert (angle > 0).float().mean().item() == pytest.approx(0.5, abs=0.25)  # not one point
+    (z[:, 0] * torch.linspace(-1, 1, 48)).sum().backward()
+    assert enc.c1[0].weight.grad.abs().sum() > 0
+    # a length-only target gets no gradient: the length is fixed
+    enc.zero_grad()
+    enc(x)["y"].norm(dim=1).sum().backward()
+    assert enc.c1[0].weight.grad.abs().max() < 1e-5
+    enc.eval()
+    copy = common.build_encoder(cfg, se.ENCODERS)
+    copy.load_state_dict(enc.state_dict())
+    copy.eval()
+    with torch.no_grad():
+        assert torch.allclose(copy(x)["y"], enc(x)["y"], atol=1e-5)
+        assert torch.allclose(copy(x)["y"].norm(dim=1), torch.full((48,), 2 ** 0.5), atol=1e-4)
+
+
 def test_each_stage_reads_its_own_local_layer():
     """--local-layer feeds stage 1's local critics, --exclusive-local-layer stage 2's."""
     n = 4
