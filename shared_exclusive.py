@@ -41,7 +41,7 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Recipe: the L1 term weighs 3.0, not 0.1, which goes with the paper's unstated scale of S.
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
-- Recipe: Z 2-d, whitened and on the circle, not unbounded and 8-d: twelve hues are an angle.
+- Recipe: Z whitened and 2-d, not unbounded and 8-d: twelve hues fit on a circle.
 - Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
 - HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
@@ -102,7 +102,7 @@ def probe_list(text):
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
          "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False}
-RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "sphere",
+RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
           "exclusive_local_layer": "c2", "lr": 5e-4}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 5
@@ -158,8 +158,8 @@ def parse_args(argv=None):
                         f"whitened, so it needs a batch of more than {RECIPE['shared_dim']} per process)")
     p.add_argument("--exclusive-dim", type=common.positive_int, default=None,
                    help=f"size of Z (paper {PAPER['exclusive_dim']}, not whitened; recipe "
-                        f"{RECIPE['exclusive_dim']}, on the circle: a whitened Z must give every "
-                        f"direction unit variance, see the docstring)")
+                        f"{RECIPE['exclusive_dim']}: a whitened Z must give every direction unit "
+                        f"variance, see the docstring)")
     p.add_argument("--shared-local", type=common.nonneg_float, default=1.0,
                    help="stage 1 weight of the cross local MI I(C(X); S_Y) + I(C(Y); S_X)")
     p.add_argument("--shared-global", type=common.nonneg_float, default=0.5,
@@ -454,8 +454,9 @@ class UnitSphere(nn.Module):
 
 class SphericalDCGANEncoder(StandardizedDCGANEncoder):
     """The encoder with its code whitened and put on a sphere (`UnitSphere`): `--exclusive-norm
-    sphere`, a 2-d Z that is an angle alone, the circle twelve hues fit on. A whitened Z's
-    length followed how much of the image the colour covers, and so the class."""
+    sphere`, a 2-d Z that is an angle alone. A whitened Z's length followed how much of the
+    image the colour covers, and so the class; on the circle the hues can fold onto each
+    other (docs/shared_exclusive.md)."""
 
     norm = UnitSphere
 
