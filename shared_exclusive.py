@@ -181,7 +181,7 @@ def parse_args(argv=None):
     p.add_argument("--adversarial", type=common.nonneg_float, default=None,
                    help=f"stage 2 weight g of the paper's GAN loss that drives I(S; Z) down (paper "
                         f"{PAPER['adversarial']}; recipe {RECIPE['adversarial']}: --hsic does it)")
-    p.add_argument("--shared-norm", default=None, choices=list(NORM_ARCH),
+    p.add_argument("--shared-norm", default=None, choices=["batch", "whiten", "none"],
                    help=f"S whitened over the batch (Whitening), standardised per dimension "
                         f"(BatchNorm without affine) or left unbounded (paper "
                         f"{PAPER['shared_norm']}, recipe {RECIPE['shared_norm']})")
