@@ -15,7 +15,7 @@ the end the test images are clustered by argmax Q(c_cat | x), matched one-to-one
 labels (paper: about 95% on MNIST), and a pixel classifier fitted to real images labels G's
 samples of each category (generated_category_purity: did G split or merge the classes?).
 
-    python infogan.py --dataset fashion-mnist     # the recipe: 3,100 steps or more (whole epochs)
+    python infogan.py --dataset fashion-mnist     # the recipe: 7,440 steps or more (whole epochs)
     python infogan.py --dataset fashion-mnist --paper   # the paper's configuration, 50 epochs
 
 Defaults: the recipe (RECIPE; why, measured: docs/infogan.md); `--paper`: the paper's (PAPER);
@@ -51,7 +51,7 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
 - Not given by the paper: batch 32; the length: 50 epochs under --paper, the recipe's the
-  fewest whole epochs that make 3,100 steps (50 of 2,000 images, 2 of 60,000).
+  fewest whole epochs that make 7,440 steps (120 of 2,000 images, 4 of 60,000).
 - Under torchrun --batch-size is the global batch; each process draws its own noise and
   codes and normalises its own real + fake batch (no BatchNorm synchronisation).
 """
@@ -70,12 +70,12 @@ NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
 # The defaults are the recipe measured on real images (docs/infogan.md); `--paper` restores
 # the paper's configuration (arXiv:1606.03657, Sec. 6 and App. C) instead. A flag given on
 # the command line wins over both. Lengths: the fewest whole epochs that make RECIPE_STEPS
-# steps (50 of 2,000 images, 2 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
+# steps (120 of 2,000 images, 4 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
 PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
          "cluster_mi": 0.0, "cluster_jitter": 0.0}
 RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
           "cluster_mi": 4.0, "cluster_jitter": 0.5}
-RECIPE_STEPS, PAPER_EPOCHS = 3100, 50
+RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
 
 
 def parse_args(argv=None):
