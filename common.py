@@ -134,6 +134,13 @@ def adam_beta(s):
     return v
 
 
+def decay_rate(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {s}")
+    return v
+
+
 def nonneg_int(s):
     v = int(s)
     if v < 0:
@@ -884,6 +891,20 @@ def recalibrate_batchnorm(encoder, data, device, batch_size=500):
         m.momentum = momentum
         m.train(training)
         m.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def average_weights_(averaged, trained, decay, step):
+    """One step of an exponential moving average of `trained`'s weights into `averaged` (a
+    copy of it): w_avg <- d w_avg + (1 - d) w, d = min(decay, (1 + step) / (10 + step)), so
+    that early in a run the average follows the weights instead of their initialisation
+    (TensorFlow's ExponentialMovingAverage with num_updates). Buffers (BatchNorm's running
+    statistics) are copied. Polyak averaging; for GANs, Yazici et al. 2019, arXiv:1806.04498."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_avg, p in zip(averaged.parameters(), trained.parameters()):
+        p_avg.lerp_(p.detach(), 1 - d)
+    for b_avg, b in zip(averaged.buffers(), trained.buffers()):
+        b_avg.copy_(b)
 
 
 # ----------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
   split real MNIST's digits. The copy's contrast changes too (`--cluster-jitter 0.5`), or the
   categories follow how light or dark a garment is.
+- Recipe: `--ema 0.999`: the encoder and Q that are evaluated and saved are a moving average
+  of the trained weights (Polyak averaging, as Yazici et al. 2019, arXiv:1806.04498, do for
+  G); the trained Q's categories move by several points from one epoch to the next.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
@@ -72,9 +75,9 @@ NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
 # the command line wins over both. Lengths: the fewest whole epochs that make RECIPE_STEPS
 # steps (120 of 2,000 images, 4 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
 PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
-         "cluster_mi": 0.0, "cluster_jitter": 0.0}
+         "cluster_mi": 0.0, "cluster_jitter": 0.0, "ema": 0.0}
 RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
-          "cluster_mi": 4.0, "cluster_jitter": 0.5}
+          "cluster_mi": 4.0, "cluster_jitter": 0.5, "ema": 0.999}
 RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
 
 
@@ -118,6 +121,11 @@ def parse_args(argv=None):
                         f"background stays black), so that the categories cannot follow how "
                         f"light or dark an image is (not in the paper; recipe "
                         f"{RECIPE['cluster_jitter']})")
+    p.add_argument("--ema", type=common.decay_rate, default=None,
+                   help=f"the encoder and Q that are evaluated and saved for eval_probe.py are "
+                        f"an exponential moving average of the trained weights with this decay "
+                        f"per step; training is unchanged (not in the paper: "
+                        f"{PAPER['ema']}, the trained weights; recipe {RECIPE['ema']})")
     p.add_argument("--learn-cont-var", type=int, default=1, choices=[0, 1],
                    help="1: Q's Gaussian for the continuous codes learns its variance; "
                         "0: unit variance")
@@ -398,7 +406,13 @@ def train(args):
                                {"params": q_params, "lr": args.lr_g}], lr=args.lr, betas=betas),
         "opt_g": common.adam(G.parameters(), lr=args.lr_g, betas=betas),
     }
-    nets = {"generator": G, "d_head": d_head, "q_head": q_head}  # checkpoint keys
+    # what is evaluated and saved as the run's encoder and Q: with --ema a moving average of
+    # the trained weights (the trained ones are kept too, for --resume), else the trained ones
+    avg_encoder, avg_q_head = ((copy.deepcopy(encoder), copy.deepcopy(q_head)) if args.ema
+                               else (encoder, q_head))
+    nets = {"generator": G, "d_head": d_head, "q_head": avg_q_head}  # checkpoint keys
+    if args.ema:
+        nets.update(trained_encoder=encoder, trained_q_head=q_head)
     acc_random_init = None  # the monitor's baseline: the untrained networks
     if args.n_cat and args.eval_every and main_process:
         with torch.random.fork_rng(devices=[]):  # recalibrating draws STL-10's crops
@@ -409,7 +423,7 @@ def train(args):
     if args.epochs is None:  # the recipe's: a number of steps, whatever the data's size
         args.epochs = common.epochs_for_steps(RECIPE_STEPS, data, args.batch_size, world)
     run_dir, start_epoch, step, elapsed = common.resume_state(
-        args, "infogan", {"encoder": encoder, **nets}, optimizers, {"noise": noise_rng})
+        args, "infogan", {"encoder": avg_encoder, **nets}, optimizers, {"noise": noise_rng})
     run = common.Run("infogan", args, run_dir, elapsed)
     common.convert_sync_bn([encoder, G, d_head, q_head], args.sync_bn, world, device)
     # the networks as the steps call them (DDP-wrapped, compiled); the plain ones are saved.
@@ -479,6 +493,9 @@ def train(args):
             optimizers["opt_g"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["opt_g"].step()
+            if args.ema:
+                common.average_weights_(avg_encoder, encoder, args.ema, step)
+                common.average_weights_(avg_q_head, q_head, args.ema, step)
             step += 1
 
             logs = {"d_loss": d_loss, "g_gan": g_gan, "info_loss": i_loss, "cat_ce": ce,
@@ -498,15 +515,20 @@ def train(args):
             if due:
                 stats["cluster_acc_mixed_bn"] = cluster_accuracies(encoder, q_head, data, device)[0]
             common.recalibrate_batchnorm(encoder, data, device)  # watched or not
+            if due and args.ema:
+                stats["cluster_acc_trained"] = cluster_accuracies(encoder, q_head, data, device)[0]
+            if args.ema:
+                common.recalibrate_batchnorm(avg_encoder, data, device)
             if due:
-                stats["cluster_acc"] = cluster_accuracies(encoder, q_head, data, device)[0]
+                stats["cluster_acc"] = cluster_accuracies(avg_encoder, avg_q_head, data, device)[0]
                 shown["acc"] = f"{stats['cluster_acc']:.3f}"
         if main_process and ((epoch + 1) % args.image_every == 0 or last):
             write_grids(G, codes, fixed, run, epoch + 1, args.traversal_steps)
         run.log(epoch=epoch + 1, step=step, time=run.elapsed(), **stats)
         if due or last:
-            run.plot(["cluster_acc", "cluster_acc_mixed_bn"], {"cluster_acc": acc_random_init})
-        run.checkpoint(encoder=encoder, encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
+            run.plot(["cluster_acc", "cluster_acc_mixed_bn"] + ["cluster_acc_trained"] * bool(args.ema),
+                     {"cluster_acc": acc_random_init})
+        run.checkpoint(encoder=avg_encoder, encoder_cfg=enc_cfg, args=args, data=data, epoch=epoch + 1,
                        step=step, modules=nets, optimizers=optimizers, rngs={"noise": noise_rng})
 
     common.finish_distributed()  # the rest is the main process's alone
@@ -515,7 +537,7 @@ def train(args):
     summary = {"epochs": args.epochs, "steps": step, "minutes": run.elapsed() / 60,
                **{k: stats[k] for k in ("d_loss", "g_gan", "cat_ce", "cont_nll") if k in stats}}
     if args.n_cat:
-        accs = cluster_accuracies(encoder, q_head, data, device)
+        accs = cluster_accuracies(avg_encoder, avg_q_head, data, device)
         purity = generated_category_purity(G, codes, data, device)
         run.log(step=step, cluster_acc=accs[0], cluster_acc_per_code=accs,
                 cluster_acc_random_init=acc_random_init, generated_category_purity=purity)

@@ -265,3 +265,29 @@ def test_adam_beta1_is_spelled_as_in_infoae():
     assert infogan.parse_args(["--adam-beta1", "0.3"]).adam_beta1 == 0.3
     with pytest.raises(SystemExit):  # the old spelling is one argparse error, not a silent default
         infogan.parse_args(["--beta1", "0.3"])
+
+
+def test_ema_averages_the_trained_weights_and_zero_saves_them(tmp_path):
+    trained, averaged = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    start, w = averaged.weight.detach().clone(), trained.weight.detach().clone()
+    common.average_weights_(averaged, trained, 0.9, step=1000)  # d = 0.9
+    assert torch.allclose(averaged.weight, 0.9 * start + 0.1 * w)
+    common.average_weights_(averaged, trained, 0.9, step=0)  # d = min(0.9, 1 / 10): the start fades fast
+    assert torch.allclose(averaged.weight, 0.1 * (0.9 * start + 0.1 * w) + 0.9 * w)
+    with pytest.raises(SystemExit):
+        infogan.parse_args(["--ema", "1"])  # a decay of 1 never leaves the initialisation
+
+    flags = ["--no-progress", "--width", "8", "--fc-dim", "32", "--q-dim", "16", "--max-steps", "20",
+             "--epochs", "1", "--eval-every", "0"]
+    saved = {}
+    for ema in ("0", "0.5"):
+        run = infogan.main(flags + ["--ema", ema, "--out-dir", str(tmp_path / ema)])
+        saved[ema] = common.load_checkpoint(run.path("checkpoint.pt"))
+    assert "trained_encoder" not in saved["0"]["modules"]  # the checkpoint's encoder is the trained one
+    averaged, ckpt = saved["0.5"]["encoder"], saved["0.5"]["modules"]
+    # same seed, same training: the trained weights do not depend on --ema
+    for k, v in saved["0"]["encoder"].items():
+        assert torch.equal(v, ckpt["trained_encoder"][k]), k
+    # the average trails the trained weights (d = 0.5 here: about the last two steps)
+    diff = (averaged["fc.0.weight"] - ckpt["trained_encoder"]["fc.0.weight"]).abs().mean()
+    assert 0 < diff < ckpt["trained_encoder"]["fc.0.weight"].abs().mean()
