@@ -47,9 +47,8 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
   split real MNIST's digits. The copy's contrast changes too (`--cluster-jitter 0.5`), or the
   categories follow how light or dark a garment is.
-- Recipe: `--ema 0.999`: the encoder and Q that are evaluated and saved are a moving average
-  of the trained weights (Polyak averaging, as Yazici et al. 2019, arXiv:1806.04498, do for
-  G); the trained Q's categories move by several points from one epoch to the next.
+- Recipe: `--ema 0.999`: Q and its trunk are evaluated and saved as a moving average of the
+  trained weights (arXiv:1806.04498 averages G); the trained Q's categories swing by epoch.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
