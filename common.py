@@ -127,14 +127,8 @@ def probability(s):
     return v
 
 
-def adam_beta(s):
-    v = float(s)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected an Adam beta in [0, 1), got {s}")
-    return v
-
-
 def decay_rate(s):
+    """An exponential moving average's decay: Adam's betas, --ema."""
     v = float(s)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {s}")

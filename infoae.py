@@ -152,7 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=common.positive_int, default=None,
                    help=f"hidden units of G, C, SC and LC (--paper {PAPER['hidden']}, recipe "
                         f"{RECIPE['hidden']})")
-    p.add_argument("--adam-beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--adam-beta1", type=common.decay_rate, default=0.5, help="Adam beta1 for every network")
     args = common.merge_resume_args(p, argv, p.parse_args(argv))
     for name, value in (PAPER if args.paper else RECIPE).items():
         if getattr(args, name) is None:

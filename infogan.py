@@ -88,7 +88,7 @@ def parse_args(argv=None):
                         f"{PAPER_EPOCHS} epochs where the recipe runs {RECIPE_STEPS} steps)")
     p.add_argument("--lr-g", type=common.positive_float, default=1e-3, help="Adam learning rate of G and Q "
                    "(--lr is D's)")
-    p.add_argument("--adam-beta1", type=common.adam_beta, default=0.5, help="Adam beta1 for every network")
+    p.add_argument("--adam-beta1", type=common.decay_rate, default=0.5, help="Adam beta1 for every network")
     p.add_argument("--noise-dim", type=common.nonneg_int, default=62, help="size of the incompressible noise z")
     p.add_argument("--n-cat", type=common.nonneg_int, default=1, help="number of categorical codes c_cat")
     p.add_argument("--cat-dim", type=common.positive_int, default=10, help="categories per categorical code (K)")

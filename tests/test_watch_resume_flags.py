@@ -195,7 +195,7 @@ def parser_of(script, argv=()):
 
 VALIDATORS = {common.positive_int, common.nonneg_int, common.batch_size_int, common.seed_int,
               common.positive_float,
-              common.nonneg_float, common.probability, common.adam_beta, common.decay_rate,
+              common.nonneg_float, common.probability, common.decay_rate,
               shared_exclusive.probe_list}  # --probes: names from a list, so -1, nan, seven are bad too
 
 
