@@ -52,6 +52,8 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   meets 8 warps (--cluster-views) that rotate, shift, shear (--cluster-shear 0.3), stretch
   (--cluster-scale 0.35) and change contrast (--cluster-jitter 0.5): what
   survives them (slant, width, how light an image is) would otherwise split a class.
+- Recipe: each warp is of one of the image's 5 nearest training images by pixels
+  (--cluster-neighbours 5), as SCAN (arXiv:2005.12320) pairs neighbours.
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
   C are wrapped as one DDP module, the critics as another.
 """
@@ -75,10 +77,10 @@ SCRIPT = "infoae"
 # (80 of 2,000 images, 3 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
 PAPER = {"width": 64, "hidden": 512, "beta": 1.0, "latent_adv": 0.0, "latent_adv_gen": 0.0,
          "instance_noise": 0.0, "cluster_mi": 0.0, "cluster_views": 1, "cluster_shear": 0.0,
-         "cluster_scale": 0.2, "cluster_jitter": 0.0}
+         "cluster_scale": 0.2, "cluster_jitter": 0.0, "cluster_neighbours": 0}
 RECIPE = {"width": 16, "hidden": 256, "beta": 2.0, "latent_adv": 1.0, "latent_adv_gen": 1.0,
           "instance_noise": 1.0, "cluster_mi": 16.0, "cluster_views": 8, "cluster_shear": 0.3,
-          "cluster_scale": 0.35, "cluster_jitter": 0.5}
+          "cluster_scale": 0.35, "cluster_jitter": 0.5, "cluster_neighbours": 5}
 RECIPE_STEPS, PAPER_EPOCHS = 4960, 50
 
 
@@ -144,6 +146,11 @@ def parse_args(argv=None):
                         f"background stays black), so that the categories cannot follow how "
                         f"light or dark an image is (not in the paper; recipe "
                         f"{RECIPE['cluster_jitter']})")
+    p.add_argument("--cluster-neighbours", type=common.nonneg_int, default=None,
+                   help=f"that term pairs each image with warps of one of its K nearest training "
+                        f"images by pixels (cosine, drawn anew for each warp), as SCAN "
+                        f"(arXiv:2005.12320) pairs neighbours; 0: with warps of itself, as IIC "
+                        f"(recipe {RECIPE['cluster_neighbours']}, --paper {PAPER['cluster_neighbours']})")
     p.add_argument("--latent-dim", type=common.positive_int, default=16,
                    help="size of the latents l_g = G(z,c) and l_e = E(x)")
     p.add_argument("--width", type=common.positive_int, default=None,
@@ -366,11 +373,11 @@ class Clustering(NamedTuple):
     jitter: float = 0.0
 
 
-def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering()):
+def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering(), partners=None):
     """The terms E, Dec, G and C minimise (jointly, as in the paper's Eq. 2), built with the
     critics Dis, SC and LC frozen so that no gradient reaches them. With l_g = G(z, c),
     x_g = Dec(l_g), l_e = E(x), x_r = Dec(l_e), l_ge = E(x_g), sp(t) = log(1 + e^t) and t(x)
-    a random small warp of x:
+    a random small warp of x (or of its partner, one of x's neighbours):
 
         term      formula                                 reaches (and so trains)
         rec       mean (x_r - x)^2                        E, Dec
@@ -387,7 +394,8 @@ def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering()):
     condition and the generated samples" (§2) through cls_enc, as InfoGAN's generator does.
     sigma: instance noise on the images Dis reads and on the generated images E reads (not
     on E's real images). clustering: clu_mi's settings (Clustering); None leaves clu_mi out
-    (its weight is 0), which spares the warps and E's pass over them.
+    (its weight is 0), which spares the warps and E's pass over them. partners: the images
+    warped for clu_mi, ordered as x.repeat(views) (None: x's own copies).
 
     Returns (terms, tensors): terms by name, and the intermediate l_g, x_g, x_r, l_ge that
     the critics' losses reuse (detached there).
@@ -399,7 +407,7 @@ def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering()):
     if clustering is not None:
         views = clustering.views
         x_warped = common.random_jitter(
-            common.random_affine(x.repeat(views, 1, 1, 1), max_scale=clustering.scale,
+            common.random_affine(x.repeat(views, 1, 1, 1) if partners is None else partners, max_scale=clustering.scale,
                                  max_shear=clustering.shear), clustering.jitter, brightness=False)
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
@@ -528,6 +536,8 @@ def train(args):
     main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
+    # the clustering term's partners (checked and found before the long work)
+    neighbours = common.neighbour_table(data, args.cluster_neighbours if args.cluster_mi > 0 else 0)
     enc_cfg, nets = build_networks(args, data.image_shape)
     for m in nets.values():
         m.to(device)
@@ -573,14 +583,16 @@ def train(args):
         if out_of_steps():
             break
         _, bar = common.epoch_batches(data, args, epoch, f"epoch {epoch + 1}/{args.epochs}",
-                                      rank, world)
+                                      rank, world, with_index=True)
         sums = {}
-        for x, _ in bar:
+        for x, _, idx in bar:
             z, c = sample_prior(len(x), args.z_dim, args.z_scale, args.categories, device)
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
             # E, Dec, G, C: one step on the weighted sum, the critics frozen
             with common.autocast(device, args.amp):
-                terms, t = min_player_terms_step(x, z, c, sigma, clustering)
+                partners = None if neighbours is None else data.images(
+                    "train", common.random_neighbours(neighbours, idx, clustering.views))
+                terms, t = min_player_terms_step(x, z, c, sigma, clustering, partners)
                 loss = min_player_loss(terms, args.alpha, args.beta, args.gamma, args.rec_weight,
                                        args.latent_adv, args.latent_adv_gen, args.cluster_mi)
             check_losses_finite(loss, terms, nets, step, args)

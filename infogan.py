@@ -47,6 +47,8 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
   split real MNIST's digits. The copy's contrast changes too (`--cluster-jitter 0.5`), or the
   categories follow how light or dark a garment is.
+- `--cluster-neighbours K` (0 in the recipe): that copy is a warp of one of the image's K
+  nearest training images by pixels, as SCAN (arXiv:2005.12320) pairs neighbours.
 - Recipe: `--ema 0.999`: Q and its trunk are evaluated and saved as a moving average of the
   trained weights (arXiv:1806.04498 averages G); the trained Q's categories swing by epoch.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
@@ -74,9 +76,9 @@ NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
 # the command line wins over both. Lengths: the fewest whole epochs that make RECIPE_STEPS
 # steps (120 of 2,000 images, 4 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
 PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
-         "cluster_mi": 0.0, "cluster_jitter": 0.0, "ema": 0.0}
+         "cluster_mi": 0.0, "cluster_jitter": 0.0, "cluster_neighbours": 0, "ema": 0.0}
 RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
-          "cluster_mi": 4.0, "cluster_jitter": 0.5, "ema": 0.999}
+          "cluster_mi": 4.0, "cluster_jitter": 0.5, "cluster_neighbours": 0, "ema": 0.999}
 RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
 
 
@@ -115,6 +117,11 @@ def parse_args(argv=None):
     p.add_argument("--cluster-balance", type=common.nonneg_float, default=2.0,
                    help="IIC's lambda in that term: weight of the categories' marginal entropies "
                         "against their joint entropy over the two views (1: the mutual information)")
+    p.add_argument("--cluster-neighbours", type=common.nonneg_int, default=None,
+                   help=f"that term's t(x) warps one of x's K nearest training images by pixels "
+                        f"(cosine, drawn anew each step), as SCAN (arXiv:2005.12320) pairs "
+                        f"neighbours; 0: warps x itself, as IIC (recipe "
+                        f"{RECIPE['cluster_neighbours']}, --paper {PAPER['cluster_neighbours']})")
     p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,
                    help=f"that term's warp also scales each copy's contrast by 1 +- this (the "
                         f"background stays black), so that the categories cannot follow how "
@@ -385,6 +392,8 @@ def train(args):
     main_process = rank == 0  # the one that evaluates, logs and writes
     data = common.load_data(args.dataset, args.data_root, device, args.image_size)
     common.check_batch(args.batch_size, world, len(data.train_x))
+    # the clustering term's partners (checked and found before the long work)
+    neighbours = common.neighbour_table(data, args.cluster_neighbours if args.cluster_mi else 0)
     c, h, w = data.image_shape
     if h != w or h % 4:
         raise UserError(f"InfoGAN expects square images with a side divisible by 4, got {h}x{w}")
@@ -451,9 +460,9 @@ def train(args):
         if out_of_steps():
             break
         _, bar = common.epoch_batches(data, args, epoch, f"epoch {epoch + 1}/{args.epochs}",
-                                      rank, world)
+                                      rank, world, with_index=True)
         sums = {}
-        for x, _ in bar:
+        for x, _, idx in bar:
             n = len(x)
             z, cat, cont = codes.sample(n, device, rng=noise_rng)
             sigma = args.instance_noise * max(0.0, 1 - step / total_steps)  # annealed to 0
@@ -462,8 +471,11 @@ def train(args):
             # recover the fake's codes
             with common.autocast(device, args.amp):
                 fake = G_step(codes.gen_input(z, cat, cont))  # reused by G's step below
-                warped = [common.random_jitter(common.random_affine(x, rng=noise_rng), args.cluster_jitter,
-                                                 noise_rng, brightness=False)] if args.cluster_mi else []
+                partner = x if neighbours is None else data.images(
+                    "train", common.random_neighbours(neighbours, idx, rng=noise_rng))
+                warped = [common.random_jitter(common.random_affine(partner, rng=noise_rng),
+                                               args.cluster_jitter, noise_rng,
+                                               brightness=False)] if args.cluster_mi else []
                 out = encoder_step(seen(torch.cat([x, fake.detach(), *warped]), sigma, args.warp,
                                         noise_rng))
                 d_real, d_fake = d_head_step(out["fc"][:2 * n]).float().split(n)

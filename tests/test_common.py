@@ -51,6 +51,54 @@ def test_batches_cover_the_split_once_in_range():
     assert data.n_batches("train", 64, drop_last=True) == 1437 // 64
 
 
+def test_batches_with_index_name_the_images_they_hold():
+    data = common.load_data("digits")
+    x, y, idx = next(data.batches("train", 64, shuffle=True, rng=torch.Generator().manual_seed(0),
+                                  with_index=True))
+    assert len(idx.unique()) == 64 and not torch.equal(idx, torch.arange(64))  # shuffled
+    assert torch.equal(x, data.images("train", idx)) and torch.equal(y, data.train_y[idx])
+
+
+def grouped_images(size, groups=4, per_group=6, seed=0):
+    """per_group noisy copies of each of `groups` random uint8 images, each copy a little
+    brighter or darker (so plain dot products would pick the brightest, not the nearest)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(groups, 1, size, size, generator=g) * 200
+    x = protos.repeat_interleave(per_group, 0)
+    x = x * (0.8 + 0.4 * torch.rand(len(x), 1, 1, 1, generator=g)) + 10 * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 255).to(torch.uint8), torch.arange(groups).repeat_interleave(per_group)
+
+
+@pytest.mark.parametrize("size", [16, 64])  # 64: pooled to 32 x 32 first
+def test_nearest_neighbours_are_other_images_of_the_same_group(size):
+    x, group = grouped_images(size)
+    nb = common.nearest_neighbours(x, 5, chunk=7)  # chunks that cut a group
+    assert nb.shape == (24, 5)
+    assert (nb != torch.arange(24)[:, None]).all()  # never the image itself
+    assert (group[nb] == group[:, None]).all()  # each group's other 5 copies
+    with pytest.raises(ValueError):
+        common.nearest_neighbours(x, 24)
+
+
+def test_neighbour_table_checks_k_against_the_training_images():
+    x, group = grouped_images(8)
+    data = common.Data("toy", x, group, x[:4], group[:4], 4)
+    assert common.neighbour_table(data, 0) is None
+    assert common.neighbour_table(data, 3).shape == (24, 3)
+    with pytest.raises(common.UserError, match="--cluster-neighbours 24 must be less than the 24"):
+        common.neighbour_table(data, 24)
+
+
+def test_random_neighbours_draws_each_rows_own_neighbours_in_repeat_order():
+    table = torch.arange(50).view(10, 5) + 100  # row i: 100 + 5i .. 104 + 5i
+    idx = torch.tensor([7, 2, 2, 9])
+    drawn = common.random_neighbours(table, idx, repeats=3, rng=torch.Generator().manual_seed(0))
+    assert drawn.shape == (12,)
+    rows = idx.repeat(3)  # the order x.repeat(3, ...) gives the images
+    assert ((drawn - 100) // 5 == rows).all()
+    assert len(drawn.unique()) > 4  # drawn, not always the first neighbour
+
+
 def test_non_finite_loss_stops_with_the_step():
     common.check_finite(torch.tensor(1.0), 3, "loss", "lower --lr")
     with pytest.raises(common.UserError, match="loss became nan at step 7; lower --lr"):

@@ -126,9 +126,9 @@ def test_training_on_data_left_on_the_cpu_moves_every_batch_and_changes_nothing(
     batches = common.Data.batches
 
     def watched_batches(self, *a, **kw):
-        for x, y in batches(self, *a, **kw):
+        for x, y, *idx in batches(self, *a, **kw):  # idx: with_index=True
             seen.append((x.device, y.device, self.device, self.train_x.device))
-            yield x, y
+            yield x, y, *idx
 
     pair_batches = shared_exclusive.PairData.batches
 

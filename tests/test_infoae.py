@@ -196,6 +196,14 @@ def test_cluster_views_pair_each_image_with_its_own_warps(digits):
     # each warp met with another image's: the term would differ, by 100 times the tolerance
     crossed = q.view(views, N, -1).roll(1, 1).flatten(0, 1)
     assert abs(float((iic(crossed) - iic(q)).detach())) > 1e-2
+    # --cluster-neighbours: each image meets warps of its partners (here the next image)
+    partners = x.roll(1, 0).repeat(views, 1, 1, 1)
+    torch.manual_seed(5)
+    terms, _ = infoae.min_player_terms(nets, x, z, c, clustering=setting, partners=partners)
+    torch.manual_seed(5)
+    q_partners = C(E(common.random_affine(partners))["y"]).softmax(1)
+    assert torch.allclose(terms["clu_mi"], -iic(q_partners), atol=1e-4)
+    assert abs(float((iic(q_partners) - iic(q)).detach())) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,6 +437,7 @@ def test_recipe_by_default_paper_one_flag_away():
     assert infoae.RECIPE_STEPS == 80 * (2000 // 32)
     assert infoae.parse_args(["--latent-adv", "0"]).latent_adv == 0  # a flag given wins
     assert infoae.parse_args(["--paper", "--cluster-mi", "4"]).cluster_mi == 4
+    assert (recipe.cluster_neighbours, paper.cluster_neighbours) == (5, 0)
 
 
 def test_bad_flags_exit_with_one_line(capsys):

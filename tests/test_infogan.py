@@ -261,6 +261,26 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     assert min(used) >= 8
 
 
+def test_clustering_term_warps_a_neighbour_of_each_real_image(tmp_path, monkeypatch):
+    # --cluster-neighbours 1: the second view of each real image is a warp of its nearest
+    # other training image, not of itself
+    seen = {}
+    draw, warp = common.random_neighbours, common.random_affine
+    monkeypatch.setattr(common, "random_neighbours", lambda table, idx, *a, **kw: seen.update(
+        table=table, idx=idx, drawn=draw(table, idx, *a, **kw)) or seen["drawn"])
+    monkeypatch.setattr(common, "random_affine", lambda x, *a, **kw: seen.setdefault(
+        "warped", x) is None or warp(x, *a, **kw))
+    run = infogan.main(["--no-progress", "--max-steps", "1", "--epochs", "1", "--eval-every", "0",
+                        "--image-every", "100", "--cluster-neighbours", "1",
+                        "--out-dir", str(tmp_path)])
+    data = common.load_data("digits")
+    assert torch.equal(seen["table"], common.nearest_neighbours(data.train_x, 1))
+    assert torch.equal(seen["drawn"], seen["table"][seen["idx"], 0])
+    assert (seen["drawn"] != seen["idx"]).all()
+    assert torch.equal(seen["warped"], data.images("train", seen["drawn"]))
+    assert json.loads(open(run.path("args.json")).read())["cluster_neighbours"] == 1
+
+
 def test_adam_beta1_is_spelled_as_in_infoae():
     assert infogan.parse_args(["--adam-beta1", "0.3"]).adam_beta1 == 0.3
     with pytest.raises(SystemExit):  # the old spelling is one argparse error, not a silent default
