@@ -406,9 +406,10 @@ def min_player_terms(nets, x, z, c, sigma=0.0, clustering=Clustering(), partners
     # before the noise: the same warps at any sigma
     if clustering is not None:
         views = clustering.views
+        source = x.repeat(views, 1, 1, 1) if partners is None else partners
         x_warped = common.random_jitter(
-            common.random_affine(x.repeat(views, 1, 1, 1) if partners is None else partners, max_scale=clustering.scale,
-                                 max_shear=clustering.shear), clustering.jitter, brightness=False)
+            common.random_affine(source, max_scale=clustering.scale, max_shear=clustering.shear),
+            clustering.jitter, brightness=False)
     with common.frozen(Dis, SC, LC):
         l_g = G(z, onehot)  # (N, latent)
         x_g = Dec(l_g)  # generated images
