@@ -387,8 +387,7 @@ class Data:
         device = self.device or x.device
         for idx in batch_indices(len(x), batch_size, shuffle, rng, drop_last, rank,
                                  world_size, x.device):
-            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            xb = self.preprocess(xb, train=(split == "train"), rng=rng)
+            xb, yb = self.images(split, idx, rng), y[idx].to(device, non_blocking=True)
             yield (xb, yb, idx) if with_index else (xb, yb)
 
     def images(self, split, idx, rng=None):
