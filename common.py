@@ -423,14 +423,17 @@ def nearest_neighbours(images, k, chunk=1024):
 
 
 def neighbour_table(data, k):
-    """--cluster-neighbours' table: None at k = 0 (each image is its own partner), else the k
-    nearest_neighbours of every training image, once k is checked against their number."""
+    """--cluster-neighbours' table: None at k = 0 (each image is its own partner), else, for
+    every training image, its own index followed by its k nearest_neighbours (so a partner
+    drawn from a row is the image itself 1 time in k + 1), once k is checked against their
+    number."""
     if not k:
         return None
     if k >= len(data.train_x):
         raise UserError(f"--cluster-neighbours {k} must be less than the {len(data.train_x)} "
                         "training images")
-    return nearest_neighbours(data.train_x, k)
+    nearest = nearest_neighbours(data.train_x, k)
+    return torch.cat([torch.arange(len(nearest))[:, None].to(nearest), nearest], 1)
 
 
 def random_neighbours(neighbours, idx, repeats=1, rng=None):

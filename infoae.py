@@ -52,8 +52,8 @@ choice, and the variants tried and not kept, are in docs/infoae.md):
   meets 8 warps (--cluster-views) that rotate, shift, shear (--cluster-shear 0.3), stretch
   (--cluster-scale 0.35) and change contrast (--cluster-jitter 0.5): what
   survives them (slant, width, how light an image is) would otherwise split a class.
-- Recipe: each warp is of one of the image's 5 nearest training images by pixels
-  (--cluster-neighbours 5), as SCAN (arXiv:2005.12320) pairs neighbours.
+- Recipe: each warp is of the image itself or of its nearest training image by pixels, half
+  the time each (--cluster-neighbours 1), as SCAN (arXiv:2005.12320) pairs neighbours.
 - Under torchrun --batch-size is the global batch and BatchNorm is per process; E, Dec, G and
   C are wrapped as one DDP module, the critics as another.
 """
@@ -80,7 +80,7 @@ PAPER = {"width": 64, "hidden": 512, "beta": 1.0, "latent_adv": 0.0, "latent_adv
          "cluster_scale": 0.2, "cluster_jitter": 0.0, "cluster_neighbours": 0}
 RECIPE = {"width": 16, "hidden": 256, "beta": 2.0, "latent_adv": 1.0, "latent_adv_gen": 1.0,
           "instance_noise": 1.0, "cluster_mi": 16.0, "cluster_views": 8, "cluster_shear": 0.3,
-          "cluster_scale": 0.35, "cluster_jitter": 0.5, "cluster_neighbours": 5}
+          "cluster_scale": 0.35, "cluster_jitter": 0.5, "cluster_neighbours": 1}
 RECIPE_STEPS, PAPER_EPOCHS = 4960, 50
 
 
@@ -147,9 +147,10 @@ def parse_args(argv=None):
                         f"light or dark an image is (not in the paper; recipe "
                         f"{RECIPE['cluster_jitter']})")
     p.add_argument("--cluster-neighbours", type=common.nonneg_int, default=None,
-                   help=f"that term pairs each image with warps of one of its K nearest training "
-                        f"images by pixels (cosine, drawn anew for each warp), as SCAN "
-                        f"(arXiv:2005.12320) pairs neighbours; 0: with warps of itself, as IIC "
+                   help=f"that term pairs each image with warps of itself or of one of its K "
+                        f"nearest training images by pixels (cosine; one of the K + 1 drawn anew "
+                        f"for each warp), as SCAN (arXiv:2005.12320) pairs neighbours; 0: with "
+                        f"warps of itself, as IIC "
                         f"(recipe {RECIPE['cluster_neighbours']}, --paper {PAPER['cluster_neighbours']})")
     p.add_argument("--latent-dim", type=common.positive_int, default=16,
                    help="size of the latents l_g = G(z,c) and l_e = E(x)")

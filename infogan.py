@@ -47,8 +47,8 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   every category. Q otherwise learns c_cat from G's drawings alone, whose categories merge and
   split real MNIST's digits. The copy's contrast changes too (`--cluster-jitter 0.5`), or the
   categories follow how light or dark a garment is.
-- `--cluster-neighbours K` (0 in the recipe): that copy is a warp of one of the image's K
-  nearest training images by pixels, as SCAN (arXiv:2005.12320) pairs neighbours.
+- `--cluster-neighbours K` (0 in the recipe): that copy is a warp of the image itself or of
+  one of its K nearest training images by pixels, as SCAN (arXiv:2005.12320) pairs neighbours.
 - Recipe: `--ema 0.999`: Q and its trunk are evaluated and saved as a moving average of the
   trained weights (arXiv:1806.04498 averages G); the trained Q's categories swing by epoch.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
@@ -118,8 +118,9 @@ def parse_args(argv=None):
                    help="IIC's lambda in that term: weight of the categories' marginal entropies "
                         "against their joint entropy over the two views (1: the mutual information)")
     p.add_argument("--cluster-neighbours", type=common.nonneg_int, default=None,
-                   help=f"that term's t(x) warps one of x's K nearest training images by pixels "
-                        f"(cosine, drawn anew each step), as SCAN (arXiv:2005.12320) pairs "
+                   help=f"that term's t(x) warps x or one of its K nearest training images by "
+                        f"pixels (cosine; one of the K + 1 drawn anew each step), as SCAN "
+                        f"(arXiv:2005.12320) pairs "
                         f"neighbours; 0: warps x itself, as IIC (recipe "
                         f"{RECIPE['cluster_neighbours']}, --paper {PAPER['cluster_neighbours']})")
     p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,

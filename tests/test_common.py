@@ -84,7 +84,10 @@ def test_neighbour_table_checks_k_against_the_training_images():
     x, group = grouped_images(8)
     data = common.Data("toy", x, group, x[:4], group[:4], 4)
     assert common.neighbour_table(data, 0) is None
-    assert common.neighbour_table(data, 3).shape == (24, 3)
+    table = common.neighbour_table(data, 3)
+    assert table.shape == (24, 4)  # the image itself, then its 3 nearest
+    assert torch.equal(table[:, 0], torch.arange(24))
+    assert torch.equal(table[:, 1:], common.nearest_neighbours(x, 3))
     with pytest.raises(common.UserError, match="--cluster-neighbours 24 must be less than the 24"):
         common.neighbour_table(data, 24)
 

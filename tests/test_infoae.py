@@ -437,7 +437,7 @@ def test_recipe_by_default_paper_one_flag_away():
     assert infoae.RECIPE_STEPS == 80 * (2000 // 32)
     assert infoae.parse_args(["--latent-adv", "0"]).latent_adv == 0  # a flag given wins
     assert infoae.parse_args(["--paper", "--cluster-mi", "4"]).cluster_mi == 4
-    assert (recipe.cluster_neighbours, paper.cluster_neighbours) == (5, 0)
+    assert (recipe.cluster_neighbours, paper.cluster_neighbours) == (1, 0)
 
 
 def test_bad_flags_exit_with_one_line(capsys):
