@@ -120,8 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--cluster-neighbours", type=common.nonneg_int, default=None,
                    help=f"that term's t(x) warps x or one of its K nearest training images by "
                         f"pixels (cosine; one of the K + 1 drawn anew each step), as SCAN "
-                        f"(arXiv:2005.12320) pairs "
-                        f"neighbours; 0: warps x itself, as IIC (recipe "
+                        f"(arXiv:2005.12320) pairs neighbours; 0: warps x itself, as IIC (recipe "
                         f"{RECIPE['cluster_neighbours']}, --paper {PAPER['cluster_neighbours']})")
     p.add_argument("--cluster-jitter", type=common.nonneg_float, default=None,
                    help=f"that term's warp also scales each copy's contrast by 1 +- this (the "
