@@ -101,10 +101,10 @@ def probe_list(text):
 # stage 2's 620 steps are 29, 20 and 1.
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
-         "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False}
+         "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False, "sphere_ramp": 0.0}
 RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
-          "exclusive_local_layer": "c2", "lr": 5e-4}  # amp: native_bf16
+          "exclusive_local_layer": "c2", "lr": 5e-4, "sphere_ramp": 0.0}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 5
 
 
@@ -189,6 +189,10 @@ def parse_args(argv=None):
                    help=f"Z left as the encoder gives it, whitened over the batch like S, or whitened and "
                         f"put on a sphere, its direction alone (paper "
                         f"{PAPER['exclusive_norm']}, recipe {RECIPE['exclusive_norm']})")
+    p.add_argument("--sphere-ramp", type=common.probability, default=None,
+                   help=f"with --exclusive-norm sphere: the fraction of stage 2's steps over which Z "
+                        f"moves from whitened to the sphere (0: on the sphere from the first step; "
+                        f"recipe {RECIPE['sphere_ramp']})")
     p.add_argument("--disc-steps", type=common.positive_int, default=10,
                    help="steps of the S-Z discriminator D (each on a new shuffle of the batch) per "
                         "encoder step (stage 2)")
@@ -208,9 +212,13 @@ def parse_args(argv=None):
     args = common.merge_resume_args(p, argv, p.parse_args(argv),
                                     (*common.RESUME_SAFE, "exclusive_epochs"), {"probe": "probes"})
     args.probes = [OLD_PROBES.get(name, name) for name in args.probes]
+    ramp_given = args.sphere_ramp is not None
     for name, value in (PAPER if args.paper else RECIPE).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if ramp_given and args.sphere_ramp > 0 and args.exclusive_norm != "sphere":
+        p.error(f"--sphere-ramp moves Z onto the sphere: it needs --exclusive-norm sphere "
+                f"(here {args.exclusive_norm})")
     if args.exclusive_epochs is None:  # --epochs, when given, sets both stages; else train()
         args.exclusive_epochs = args.epochs  # sets each from RECIPE_STEPS and the data's size
     if args.stage == "2" and not (args.shared_from or args.resume):
@@ -442,14 +450,23 @@ class WhitenedDCGANEncoder(StandardizedDCGANEncoder):
 
 class UnitSphere(nn.Module):
     """Whitening, then each code scaled to length sqrt(dim) (the mean length of a white code):
-    only its direction is left to carry information."""
+    only its direction is left to carry information.
+
+    `power` p in [0, 1] (set by the training loop under --sphere-ramp; 1 otherwise, and in
+    every saved encoder) divides a white code w by (|w| / sqrt(dim)) ** p: 0 leaves it white,
+    1 puts it on the sphere. Codes that start on a circle cannot pass each other, so hues
+    placed in the wrong order stay folded; ramping p from 0 lets them sort out in the plane."""
 
     def __init__(self, dim):
         super().__init__()
         self.white = Whitening(dim)
+        # a buffer, so a compiled forward reads its value; not saved: a loaded encoder is on the sphere
+        self.register_buffer("power", torch.ones(()), persistent=False)
 
     def forward(self, y):
-        return F.normalize(self.white(y), dim=1) * math.sqrt(y.shape[1])
+        w = self.white(y)
+        length = w.norm(dim=1, keepdim=True).clamp_min(1e-12) / math.sqrt(y.shape[1])
+        return w / length ** self.power
 
 
 class SphericalDCGANEncoder(StandardizedDCGANEncoder):
@@ -645,6 +662,15 @@ def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, me
 # ----------------------------------------------------------------------------------------
 # Evaluation: classifiers on frozen S and Z, nearest neighbours
 # ----------------------------------------------------------------------------------------
+def set_sphere_power(encoders, step, ramp_steps):
+    """--sphere-ramp: Z's UnitSphere power min(1, step / ramp_steps), from white (0) to the
+    sphere (1); a no-op for any other --exclusive-norm."""
+    for d in "xy":
+        norm = encoders[f"exclusive_{d}"].y_norm
+        if isinstance(norm, UnitSphere):
+            norm.power.fill_(min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
+
+
 def representations(encoders, pair, device, stages_done):
     """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y."""
     reps = {}
@@ -842,6 +868,8 @@ def train(args):
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
     stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
+    stage2_steps = args.exclusive_epochs * pair.n_batches("train", args.batch_size, True, world)
+    ramp_steps = args.sphere_ramp * min(stage2_steps, args.max_steps or stage2_steps)
     for i in range(start, len(plan)):
         stage, epoch = plan[i]
         n_epochs = args.epochs if stage == 1 else args.exclusive_epochs
@@ -855,6 +883,8 @@ def train(args):
                                         rank, world)
         sums = {}
         for img_x, img_y, _ in bar:
+            if stage == 2:
+                set_sphere_power(encoders, stage_steps[2], ramp_steps)
             with common.autocast(device, args.amp):
                 if stage == 1:
                     loss, logs, sz = shared_step(img_x, img_y, step_nets, step_nets, bound, args,
@@ -906,6 +936,7 @@ def train(args):
         save_encoders(run, encoders, cfgs, ["shared" if stage == 1 else "exclusive"], args, pair,
                       i + 1, step, shared_done)
 
+    set_sphere_power(encoders, 1, 0)  # evaluated (and saved) on the sphere
     common.finish_distributed()  # the rest is the main process's alone
     if not main_process:
         return run, {}

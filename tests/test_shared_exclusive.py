@@ -590,3 +590,33 @@ def test_each_stage_runs_the_recipes_steps_and_paper_swaps_the_configuration(tmp
         assert (adversary, hsic) == ((True, False) if flags else (False, True))
     final = torch.load(run.path("exclusive_y.pt"), weights_only=True)["encoder"]
     assert final["out.weight"].shape == (8, 1024) and "y_norm.running_cov" not in final  # 8-d Z, not whitened
+
+
+def test_sphere_ramp_moves_z_from_white_to_the_sphere():
+    """--sphere-ramp: the power 0 leaves Z white (lengths spread), 1 puts it on the circle, and
+    the training loop ramps it over the given fraction of stage 2's steps."""
+    torch.manual_seed(0)
+    cfg = common.encoder_config(se.NORM_ARCH["sphere"], (3, 32, 32), 2, se.ENCODERS)
+    enc = common.build_encoder(cfg, se.ENCODERS)
+    x = torch.randn(48, 3, 32, 32)
+    encoders = {"exclusive_x": enc, "exclusive_y": enc}
+    se.set_sphere_power(encoders, 0, 10)
+    white = enc(x)["y"]
+    cov = torch.cov(white.T)
+    assert torch.allclose(cov, torch.eye(2), atol=1e-3)  # white, and the lengths vary
+    assert white.norm(dim=1).std() > 0.2
+    se.set_sphere_power(encoders, 5, 10)
+    assert enc.y_norm.power.item() == pytest.approx(0.5)
+    half = enc(x)["y"].norm(dim=1)
+    assert 0 < half.std() < white.norm(dim=1).std()
+    se.set_sphere_power(encoders, 12, 10)  # past the ramp, and ramp 0: the sphere
+    assert torch.allclose(enc(x)["y"].norm(dim=1), torch.full((48,), 2 ** 0.5), atol=1e-4)
+    se.set_sphere_power(encoders, 0, 0)
+    assert enc.y_norm.power.item() == 1.0
+    assert "y_norm.power" not in enc.state_dict()  # a saved encoder loads onto the sphere
+
+
+def test_sphere_ramp_needs_the_sphere():
+    with pytest.raises(SystemExit):
+        se.parse_args(["--sphere-ramp", "0.5"])  # the recipe's Z is whitened
+    assert se.parse_args(["--exclusive-norm", "sphere", "--sphere-ramp", "0.5"]).sphere_ramp == 0.5
