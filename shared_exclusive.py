@@ -41,7 +41,9 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Recipe: the L1 term weighs 3.0, not 0.1, which goes with the paper's unstated scale of S.
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
-- Recipe: Z whitened and 2-d, not unbounded and 8-d: twelve hues fit on a circle.
+- Recipe: Z 2-d on the circle (whitened, length divided out), not unbounded and 8-d: twelve
+  hues fit on a circle, a length would hold how much ink the item has. Z moves from white
+  to the circle over stage 2's first half (`--sphere-ramp 0.5`), or hues can fold together.
 - Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
 - HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
@@ -102,9 +104,9 @@ def probe_list(text):
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
          "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False, "sphere_ramp": 0.0}
-RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
+RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "sphere",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
-          "exclusive_local_layer": "c2", "lr": 5e-4, "sphere_ramp": 0.0}  # amp: native_bf16
+          "exclusive_local_layer": "c2", "lr": 5e-4, "sphere_ramp": 0.5}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 5
 
 
@@ -666,7 +668,7 @@ def set_sphere_power(encoders, step, ramp_steps):
     """--sphere-ramp: Z's UnitSphere power min(1, step / ramp_steps), from white (0) to the
     sphere (1); a no-op for any other --exclusive-norm."""
     for d in "xy":
-        norm = encoders[f"exclusive_{d}"].y_norm
+        norm = getattr(encoders[f"exclusive_{d}"], "y_norm", None)  # none: an unnormalised Z
         if isinstance(norm, UnitSphere):
             norm.power.fill_(min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
 
@@ -811,8 +813,8 @@ def train(args):
     main_process = rank == 0  # the one that evaluates, logs and writes
     for part, norm, dim in (("shared", args.shared_norm, args.shared_dim),
                             ("exclusive", args.exclusive_norm, args.exclusive_dim)):
-        if norm == "whiten" and args.batch_size // world <= dim:
-            raise UserError(f"--{part}-norm whiten needs more than --{part}-dim {dim} samples per "
+        if norm in ("whiten", "sphere") and args.batch_size // world <= dim:
+            raise UserError(f"--{part}-norm {norm} needs more than --{part}-dim {dim} samples per "
                             f"process: raise --batch-size (now {args.batch_size} over {world})")
     pair = load_pair_data(args.dataset, args.data_root, device, args.pairing,
                           image_size=args.image_size)
@@ -868,8 +870,9 @@ def train(args):
               f"{len(pair.train_x)} train / {len(pair.test_x)} test pairs  processes: {world}")
 
     stats, watched, shown = {}, {}, {}  # the latest monitor, and in the progress bar
-    stage2_steps = args.exclusive_epochs * pair.n_batches("train", args.batch_size, True, world)
-    ramp_steps = args.sphere_ramp * min(stage2_steps, args.max_steps or stage2_steps)
+    # over the planned epochs, --max-steps aside, so a run cut short and resumed ramps as one
+    ramp_steps = args.sphere_ramp * args.exclusive_epochs * pair.n_batches("train", args.batch_size,
+                                                                           True, world)
     for i in range(start, len(plan)):
         stage, epoch = plan[i]
         n_epochs = args.epochs if stage == 1 else args.exclusive_epochs

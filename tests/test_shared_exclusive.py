@@ -618,5 +618,7 @@ def test_sphere_ramp_moves_z_from_white_to_the_sphere():
 
 def test_sphere_ramp_needs_the_sphere():
     with pytest.raises(SystemExit):
-        se.parse_args(["--sphere-ramp", "0.5"])  # the recipe's Z is whitened
-    assert se.parse_args(["--exclusive-norm", "sphere", "--sphere-ramp", "0.5"]).sphere_ramp == 0.5
+        se.parse_args(["--exclusive-norm", "whiten", "--sphere-ramp", "0.5"])
+    assert se.parse_args(["--exclusive-norm", "sphere", "--sphere-ramp", "0.3"]).sphere_ramp == 0.3
+    whitened = se.parse_args(["--exclusive-norm", "whiten"])  # the recipe's ramp has nothing to move
+    assert (whitened.exclusive_norm, whitened.sphere_ramp) == ("whiten", se.RECIPE["sphere_ramp"])

@@ -104,15 +104,17 @@ def test_resume_from_the_checkpoint_alone_continues_the_run_exactly(tmp_path, sm
 
 
 def test_shared_exclusive_resumed_inside_stage_2_continues_exactly(tmp_path, small_digits):
-    """Stage 2 resumed from a checkpoint after 2 of its 4 epochs: its HSIC term scores each
-    batch with the (S, Z) of the batches before it, so the checkpoint must hold those rows
-    for the lines and weights to be the uninterrupted run's."""
-    flags = [*COMMON, "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear", "--epochs", "1"]
-    shared_exclusive.main([*flags, "--exclusive-epochs", "2", "--out-dir", str(tmp_path / "resumed")])
+    """Stage 2 resumed from a checkpoint after 2 of its 4 epochs (cut by --max-steps, as a kill
+    would: one step an epoch here): its HSIC term scores each batch with the (S, Z) of the
+    batches before it, so the checkpoint must hold those rows, and Z's ramp onto the circle
+    must go on where it stopped, for the lines and weights to be the uninterrupted run's."""
+    flags = [*COMMON, "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear", "--epochs", "1",
+             "--exclusive-epochs", "4"]
+    shared_exclusive.main([*flags, "--max-steps", "2", "--out-dir", str(tmp_path / "resumed")])
     run = run_folder(tmp_path / "resumed")
-    shared_exclusive.main(["--resume", os.path.join(run, "checkpoint.pt"), "--exclusive-epochs", "4",
+    shared_exclusive.main(["--resume", os.path.join(run, "checkpoint.pt"), "--max-steps", "4",
                            "--no-progress"])
-    shared_exclusive.main([*flags, "--exclusive-epochs", "4", "--out-dir", str(tmp_path / "straight")])
+    shared_exclusive.main([*flags, "--out-dir", str(tmp_path / "straight")])
     straight = run_folder(tmp_path / "straight")
     (resumed_lines, lines), (straight_lines, all_straight) = epoch_lines(run), epoch_lines(straight)
     assert [(m["stage"], m["epoch"]) for m in resumed_lines] == [(1, 1), (2, 1), (2, 2), (2, 3), (2, 4)]
