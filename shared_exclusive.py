@@ -478,6 +478,15 @@ class SphericalDCGANEncoder(StandardizedDCGANEncoder):
     norm = UnitSphere
 
 
+def set_sphere_power(encoders, step, ramp_steps):
+    """--sphere-ramp: Z's UnitSphere power min(1, step / ramp_steps), from white (0) to the
+    sphere (1); a no-op for any other --exclusive-norm."""
+    for d in "xy":
+        norm = getattr(encoders[f"exclusive_{d}"], "y_norm", None)  # none: an unnormalised Z
+        if isinstance(norm, UnitSphere):
+            norm.power.fill_(min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
+
+
 ENCODERS = {**common.ENCODERS, "dcgan-std": StandardizedDCGANEncoder,
             "dcgan-white": WhitenedDCGANEncoder, "dcgan-sphere": SphericalDCGANEncoder}
 
@@ -662,15 +671,6 @@ def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, me
 # ----------------------------------------------------------------------------------------
 # Evaluation: classifiers on frozen S and Z, nearest neighbours
 # ----------------------------------------------------------------------------------------
-def set_sphere_power(encoders, step, ramp_steps):
-    """--sphere-ramp: Z's UnitSphere power min(1, step / ramp_steps), from white (0) to the
-    sphere (1); a no-op for any other --exclusive-norm."""
-    for d in "xy":
-        norm = getattr(encoders[f"exclusive_{d}"], "y_norm", None)  # none: an unnormalised Z
-        if isinstance(norm, UnitSphere):
-            norm.power.fill_(min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
-
-
 def representations(encoders, pair, device, stages_done):
     """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y."""
     reps = {}
