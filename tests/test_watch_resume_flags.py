@@ -109,7 +109,7 @@ def test_shared_exclusive_resumed_inside_stage_2_continues_exactly(tmp_path, sma
     batches before it, so the checkpoint must hold those rows, and Z's ramp onto the circle
     must go on where it stopped, for the lines and weights to be the uninterrupted run's."""
     flags = [*COMMON, "--embed-dim", "16", "--shared-dim", "8", "--probes", "linear", "--epochs", "1",
-             "--exclusive-epochs", "4"]
+             "--exclusive-epochs", "4", "--exclusive-norm", "sphere", "--sphere-ramp", "0.75"]
     shared_exclusive.main([*flags, "--max-steps", "2", "--out-dir", str(tmp_path / "resumed")])
     run = run_folder(tmp_path / "resumed")
     shared_exclusive.main(["--resume", os.path.join(run, "checkpoint.pt"), "--max-steps", "4",
