@@ -53,6 +53,8 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   trained weights (arXiv:1806.04498 averages G); the trained Q's categories swing by epoch.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
+  Recipe: Q's categorical logits at 0.1 (`--cat-init-std`): at 0.02 Q starts uniform, the
+  clustering term's saddle, and takes its categories of real images from G's early drawings.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
 - Not given by the paper: batch 32; the length: 50 epochs under --paper, the recipe's the
   fewest whole epochs that make 7,440 steps (120 of 2,000 images, 4 of 60,000).
@@ -76,9 +78,11 @@ NAN_HINT = "lower --lr (D) or --lr-g (G and Q), or run without --amp"
 # the command line wins over both. Lengths: the fewest whole epochs that make RECIPE_STEPS
 # steps (120 of 2,000 images, 4 of 60,000); the paper gives none, --paper runs PAPER_EPOCHS.
 PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
-         "cluster_mi": 0.0, "cluster_jitter": 0.0, "cluster_neighbours": 0, "ema": 0.0}
+         "cluster_mi": 0.0, "cluster_jitter": 0.0, "cluster_neighbours": 0,
+         "ema": 0.0, "cat_init_std": 0.02}
 RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
-          "cluster_mi": 4.0, "cluster_jitter": 0.5, "cluster_neighbours": 0, "ema": 0.999}
+          "cluster_mi": 4.0, "cluster_jitter": 0.5, "cluster_neighbours": 0,
+          "ema": 0.999, "cat_init_std": 0.1}
 RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
 
 
@@ -127,6 +131,12 @@ def parse_args(argv=None):
                         f"background stays black), so that the categories cannot follow how "
                         f"light or dark an image is (not in the paper; recipe "
                         f"{RECIPE['cluster_jitter']})")
+    p.add_argument("--cat-init-std", type=common.positive_float, default=None,
+                   help=f"std of the normal init of Q's categorical logits layer (DCGAN's 0.02 "
+                        f"elsewhere). At 0.02 Q starts uniform, where the clustering term has a "
+                        f"saddle, so Q's first categories of real images come from G's early "
+                        f"drawings; larger starts the term on real images at step 0 (paper "
+                        f"{PAPER['cat_init_std']}, recipe {RECIPE['cat_init_std']})")
     p.add_argument("--ema", type=common.decay_rate, default=None,
                    help=f"the encoder and Q that are evaluated and saved for eval_probe.py are "
                         f"an exponential moving average of the trained weights with this decay "
@@ -271,6 +281,12 @@ class QHead(nn.Module):
         mu, logvar = h[:, c.n_cat * c.cat_dim:].chunk(2, dim=1)  # (N, n_cont) each
         return logits, mu, logvar.clamp(-8, 4)
 
+    @torch.no_grad()
+    def rescale_logits_init_(self, std):
+        """--cat-init-std: the categorical logits' weights, drawn by dcgan_init, rescaled to std
+        (no new draw, so every other random number of the run stays as it was)."""
+        self.out.weight[:self.codes.n_cat * self.codes.cat_dim] *= std / DCGAN_STD
+
 
 def info_loss(q_out, cat, cont, lambda_cat, lambda_cont):
     """lambda_cat * CE(c_cat) + lambda_cont * Gaussian NLL(c_cont), summed over codes and
@@ -366,14 +382,17 @@ def generated_category_purity(G, codes, data, device, n=2000, max_train=10000, s
     return float(common.cluster_accuracy(cat[:, 0].cpu().numpy(), labelled))
 
 
+DCGAN_STD = 0.02
+
+
 def dcgan_init(module):
     """Weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0 (DCGAN's recipe, which
     InfoGAN's networks follow); PyTorch's default init saturates G's tanh at the start."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.normal_(m.weight, 0.0, DCGAN_STD)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.normal_(m.weight, 1.0, DCGAN_STD)
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
 
@@ -406,6 +425,7 @@ def train(args):
     q_head = QHead(codes, args.q_dim, args.learn_cont_var).to(device)
     for m in (encoder, G, d_head, q_head):
         dcgan_init(m)
+    q_head.rescale_logits_init_(args.cat_init_std)
     q_params = list(encoder.q_hidden.parameters()) + list(q_head.parameters())
     d_params = [p for n, p in encoder.named_parameters() if not n.startswith("q_hidden.")]
     betas = (args.adam_beta1, 0.999)

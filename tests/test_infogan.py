@@ -194,8 +194,8 @@ def test_warp_changes_what_d_and_q_read(tmp_path):
     assert warped["d_loss"] != pytest.approx(plain["d_loss"], abs=1e-4)  # same batch, other views
     assert all(math.isfinite(v) for v in warped.values())
     # --cluster-mi runs its term in D and Q's step (minus IIC's objective at balance 2: on
-    # Q's near-uniform start, about -2 log 10); 0, the paper, leaves it out
-    clustered = first("cluster", "--cluster-mi", "1")
+    # Q's near-uniform start at DCGAN's init, about -2 log 10); 0, the paper, leaves it out
+    clustered = first("cluster", "--cluster-mi", "1", "--cat-init-std", "0.02")
     assert "clu_mi" not in plain and clustered["clu_mi"] == pytest.approx(-2 * math.log(10), abs=0.2)
 
 
@@ -236,8 +236,7 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     q_head = infogan.QHead(codes, 128, 1)
     for m in (enc, q_head):
         infogan.dcgan_init(m)
-    with torch.no_grad():  # out of uniform Q's saddle (where the term has no gradient), as
-        q_head.out.weight *= 5  # Q is once it has learnt from G's images
+    q_head.rescale_logits_init_(0.1)  # the recipe's: off uniform Q's saddle (no gradient there)
     x = digits.preprocess(digits.train_x[:256], train=True)
 
     def information():
@@ -259,6 +258,26 @@ def test_clustering_term_makes_q_agree_on_warped_real_images():
     print("I(Q's category; Q's category of the warp) per code, before / after:", before, after, used)
     assert max(before) < 0.01 and min(after) > 0.8, (before, after)  # 1.4-1.6 for seeds 0-3
     assert min(used) >= 8
+
+
+def test_cat_init_std_starts_the_clustering_term_off_its_saddle():
+    # DCGAN's N(0, 0.02) leaves Q's softmax nearly uniform, where IIC's objective has almost
+    # no gradient; --cat-init-std 0.1 rescales the logits' rows alone, and the term pulls
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(256, 128, generator=g)
+    y_warp = y + 0.3 * torch.randn(256, 128, generator=g)  # Q's hidden layer for a warped copy
+    grads, weights = {}, {}
+    for std in (0.02, 0.1):
+        torch.manual_seed(1)  # the same draw for both
+        q_head = infogan.QHead(infogan.Codes(8, 1, 10, 2), 128, True)
+        infogan.dcgan_init(q_head)
+        q_head.rescale_logits_init_(std)
+        weights[std] = q_head.out.weight.detach().clone()
+        infogan.clustering_loss(q_head(y)[0], q_head(y_warp)[0], balance=2.0).backward()
+        grads[std] = float(q_head.out.weight.grad[:10].norm())
+    assert torch.allclose(weights[0.1][:10], 5 * weights[0.02][:10])
+    assert torch.equal(weights[0.1][10:], weights[0.02][10:])  # the continuous codes' rows
+    assert grads[0.1] > 10 * grads[0.02], grads
 
 
 def test_clustering_term_warps_a_neighbour_of_each_real_image(tmp_path, monkeypatch):
