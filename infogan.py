@@ -84,6 +84,7 @@ RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
           "cluster_mi": 4.0, "cluster_jitter": 0.5, "cluster_neighbours": 0,
           "ema": 0.999, "cat_init_std": 0.1}
 RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
+DCGAN_STD = 0.02  # every weight's init (dcgan_init); Q's logits' under --paper
 
 
 def parse_args(argv=None):
@@ -380,9 +381,6 @@ def generated_category_purity(G, codes, data, device, n=2000, max_train=10000, s
     labelled = clf.predict(pixels(torch.cat([G(g) for g in codes.gen_input(z, cat, cont).split(500)])))
     G.train(was_training)
     return float(common.cluster_accuracy(cat[:, 0].cpu().numpy(), labelled))
-
-
-DCGAN_STD = 0.02
 
 
 def dcgan_init(module):
