@@ -53,7 +53,7 @@ choice, and the variants tried and not kept, are in docs/infogan.md):
   trained weights (arXiv:1806.04498 averages G); the trained Q's categories swing by epoch.
 - Q's Gaussian learns its log-variance in [-8, 4] (`--learn-cont-var 0`: unit, as the authors').
 - Weights are initialised as in DCGAN, N(0, 0.02); PyTorch's default saturates G's tanh.
-  Recipe: Q's categorical logits at 0.1 (`--cat-init-std`): at 0.02 Q starts uniform, the
+  Recipe: Q's categorical logits at 0.05 (`--cat-init-std`): at 0.02 Q starts uniform, the
   clustering term's saddle, and takes its categories of real images from G's early drawings.
 - Traversal grid (Fig. 2), every 10 epochs: one z, a row per c_cat, each c_cont from -2 to 2.
 - Not given by the paper: batch 32; the length: 50 epochs under --paper, the recipe's the
@@ -82,7 +82,7 @@ PAPER = {"width": 64, "fc_dim": 1024, "lambda_cat": 1.0, "instance_noise": 0.0,
          "ema": 0.0, "cat_init_std": 0.02}
 RECIPE = {"width": 32, "fc_dim": 256, "lambda_cat": 1.0, "instance_noise": 0.0,
           "cluster_mi": 4.0, "cluster_jitter": 0.5, "cluster_neighbours": 0,
-          "ema": 0.999, "cat_init_std": 0.1}
+          "ema": 0.999, "cat_init_std": 0.05}
 RECIPE_STEPS, PAPER_EPOCHS = 7440, 50
 DCGAN_STD = 0.02  # every weight's init (dcgan_init); Q's logits' under --paper
 
