@@ -133,8 +133,8 @@ def parse_args(argv=None):
                         f"light or dark an image is (not in the paper; recipe "
                         f"{RECIPE['cluster_jitter']})")
     p.add_argument("--cat-init-std", type=common.positive_float, default=None,
-                   help=f"std of the normal init of Q's categorical logits layer (DCGAN's 0.02 "
-                        f"elsewhere). At 0.02 Q starts uniform, where the clustering term has a "
+                   help=f"std of the normal init of Q's categorical logits layer (DCGAN's {DCGAN_STD} "
+                        f"elsewhere). At {DCGAN_STD} Q starts uniform, where the clustering term has a "
                         f"saddle, so Q's first categories of real images come from G's early "
                         f"drawings; larger starts the term on real images at step 0 (paper "
                         f"{PAPER['cat_init_std']}, recipe {RECIPE['cat_init_std']})")
