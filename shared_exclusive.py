@@ -10,8 +10,8 @@ an exclusive encoder (Z); R = (S, Z). Two stages:
     stage 2  max  b2 I(C(X); R_X) + a2 I(X; R_X) - h HSIC(S_X, Z_X)   (and the same for Y),
              the shared encoders frozen,
 
-with C(.) the local feature map of the encoder being trained and DIM's estimators (JSD by
-default) and critics. The paper drives I(S; Z) down with an adversary, - g D(joint (S_X, Z_X)
+with C(.) the local feature map of the encoder being trained and DIM's estimators (the
+paper's JSD; InfoNCE in the recipe) and critics. The paper drives I(S; Z) down with an adversary, - g D(joint (S_X, Z_X)
 || shuffled (S_X, Z_X')), D telling (S, Z) from (S, Z shuffled across the batch) (`--paper`,
 or `--adversarial 0.1 --hsic 0`). The recipe uses HSIC (Gretton et al., ALT 2005) instead, a
 kernel measure of the dependence of S and Z, computed exactly on every step.
@@ -42,6 +42,8 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
 - Recipe: Adam at 5e-4, not 1e-4: at 1e-4 the L1 term takes the background's colour out of
   S_X too slowly.
 - Recipe: Z whitened and 2-d, not unbounded and 8-d: twelve hues fit on a circle.
+- Recipe: InfoNCE, not JSD: under JSD stage 1's L1 term can stall, each S holding its own
+  image's colour in one white direction that nothing pulls shared content into.
 - Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
 - HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
@@ -101,10 +103,11 @@ def probe_list(text):
 # stage 2's 620 steps are 29, 20 and 1.
 PAPER = {"shared_dim": 64, "shared_norm": "none", "exclusive_dim": 8, "exclusive_norm": "none",
          "l1": 0.1, "adversarial": 0.1, "hsic": 0.0, "local_layer": "c2",
-         "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False, "sphere_ramp": 0.0}
+         "exclusive_local_layer": "c2", "lr": 1e-4, "amp": False, "sphere_ramp": 0.0, "loss": "jsd"}
 RECIPE = {"shared_dim": 32, "shared_norm": "whiten", "exclusive_dim": 2, "exclusive_norm": "whiten",
           "l1": 3.0, "adversarial": 0.0, "hsic": 10.0, "local_layer": "conv",
-          "exclusive_local_layer": "c2", "lr": 5e-4, "sphere_ramp": 0.0}  # amp: native_bf16
+          "exclusive_local_layer": "c2", "lr": 5e-4, "sphere_ramp": 0.0,
+          "loss": "infonce"}  # amp: native_bf16
 RECIPE_STEPS, STAGE1_MIN_EPOCHS = {1: 792, 2: 620}, 5
 
 
@@ -143,8 +146,9 @@ def parse_args(argv=None):
                         f"epochs that make {RECIPE_STEPS[2]} steps)")
     p.add_argument("--shared-from", default=None, metavar="PATH",
                    help="checkpoint.pt of a run whose stage 1 is done (for --stage 2)")
-    p.add_argument("--loss", default="jsd", choices=sorted(common.BOUNDS),
-                   help="MI estimator for every MI term: jsd (paper), infonce or dv")
+    p.add_argument("--loss", default=None, choices=sorted(common.BOUNDS),
+                   help=f"MI estimator for every MI term: jsd, infonce or dv (paper {PAPER['loss']}, "
+                        f"recipe {RECIPE['loss']})")
     p.add_argument("--critic", default="dot", choices=["dot", "concat"],
                    help="local critic: encode-and-dot-product or concat-and-convolve")
     p.add_argument("--local-layer", default=None, choices=list(common.DCGANEncoder.maps),
