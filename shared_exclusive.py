@@ -11,10 +11,11 @@ an exclusive encoder (Z); R = (S, Z). Two stages:
              the shared encoders frozen,
 
 with C(.) the local feature map of the encoder being trained and DIM's estimators (the
-paper's JSD; InfoNCE in the recipe) and critics. The paper drives I(S; Z) down with an adversary, - g D(joint (S_X, Z_X)
-|| shuffled (S_X, Z_X')), D telling (S, Z) from (S, Z shuffled across the batch) (`--paper`,
-or `--adversarial 0.1 --hsic 0`). The recipe uses HSIC (Gretton et al., ALT 2005) instead, a
-kernel measure of the dependence of S and Z, computed exactly on every step.
+paper's JSD; InfoNCE in the recipe) and critics. The paper drives I(S; Z) down with an
+adversary, - g D(joint (S_X, Z_X) || shuffled (S_X, Z_X')), D telling (S, Z) from (S, Z
+shuffled across the batch) (`--paper`, or `--adversarial 0.1 --hsic 0`). The recipe uses
+HSIC (Gretton et al., ALT 2005) instead, a kernel measure of the dependence of S and Z,
+computed exactly on every step.
 
     python shared_exclusive.py                                   # colourful digits, the recipe
     python shared_exclusive.py --dataset colorful-fashion-mnist --data-root DIR   # 60,000 pairs
