@@ -180,6 +180,10 @@ def parse_args(argv=None):
                    help=f"stage 2 weight h of the normalised HSIC between S and Z that Z minimises "
                         f"(Gaussian kernels; not in the paper: {PAPER['hsic']}; recipe "
                         f"{RECIPE['hsic']})")
+    p.add_argument("--hsic-estimator", default="alignment", choices=["alignment", "unbiased"],
+                   help="the HSIC term's estimate: the centred kernel alignment (biased; its floor "
+                        "falls as Z merges colours) or the unbiased estimator, normalised by a "
+                        "scale held constant in the gradient")
     p.add_argument("--hsic-batches", type=common.positive_int, default=8,
                    help="batches the HSIC term scores together: the current one and the latest "
                         "others, detached")
@@ -539,29 +543,50 @@ HSIC_QUANTILES = (0.5, 0.1, 0.03, 0.01)
 
 
 def gaussian_gram(a, quantiles=(0.5,)):
-    """Centred Gram matrix (N, N) of a batch of codes: the mean of Gaussian kernels whose
-    bandwidths are these quantiles of the squared pairwise distances (detached, so the code
-    cannot lower the dependence by rescaling the kernel)."""
+    """Gram matrix (N, N) of a batch of codes: the mean of Gaussian kernels whose bandwidths
+    are these quantiles of the squared pairwise distances (detached, so the code cannot lower
+    the dependence by rescaling the kernel)."""
     a = a.float()
     sq = a.pow(2).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * a @ a.T).clamp_min(0)  # cdist's gradient is NaN at 0
     off = d2.detach()[~torch.eye(len(a), dtype=torch.bool, device=a.device)]
     bw = torch.quantile(off, torch.tensor(quantiles, device=a.device)).clamp_min(1e-12)
-    k = torch.exp(-d2[None] / bw[:, None, None]).mean(0)
+    return torch.exp(-d2[None] / bw[:, None, None]).mean(0)
+
+
+def unbiased_hsic(k, l):
+    """HSIC from two Gram matrices by the unbiased estimator of Song et al. (JMLR 13, 2012):
+    its mean is 0 when the rows of the two are independent, whatever either code's layout."""
+    n = len(k)
+    off = 1 - torch.eye(n, device=k.device)
+    k, l = k * off, l * off
+    kl = k @ l
+    return (kl.trace() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * kl.sum() / (n - 2)) / (n * (n - 3))
+
+
+def hsic_dependence(s, z, estimator):
+    """Normalised HSIC of S and Z: about 0 when the rows show no dependence, 1 when the two
+    Gram matrices agree. Z's kernel mixes narrow bandwidths too: within one colour Z varies
+    little, and that is where the class sits. Computed exactly, so unlike a learned adversary
+    it has no lag for the encoder to outrun. `estimator` (--hsic-estimator):
+    - "unbiased": Song et al.'s estimator, normalised by a scale held constant in the gradient;
+    - "alignment": the centred kernel alignment of the two Grams, whose floor under
+      independence falls as Z merges its colours, so a heavy term merged them
+      (docs/shared_exclusive.md)."""
+    with torch.autocast(z.device.type, enabled=False):  # narrow kernels need fp32 distances
+        ks, kz = gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES)
+        if estimator == "alignment":
+            return kernel_alignment(centred(ks), centred(kz))
+        scale = (unbiased_hsic(ks, ks) * unbiased_hsic(kz, kz)).clamp_min(1e-12).sqrt()
+        return unbiased_hsic(ks, kz) / scale.detach()
+
+
+def centred(k):
     return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
 
 
-def hsic_dependence(s, z):
-    """Normalised HSIC (centred kernel alignment) of S and Z, in [0, 1]: its floor when the
-    rows show no dependence, 1 when the two Gram matrices agree. Z's kernel mixes narrow
-    bandwidths too: within one colour Z varies little, and that is where the digit sits.
-    Computed exactly, so unlike a learned adversary it has no lag for the encoder to outrun."""
-    with torch.autocast(z.device.type, enabled=False):  # narrow kernels need fp32 distances
-        return kernel_alignment(gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES))
-
-
 def kernel_alignment(k1, k2):
-    """<K1, K2> / (|K1| |K2|) of two centred Gram matrices: HSIC normalised to [0, 1]."""
+    """<K1, K2> / (|K1| |K2|) of two centred Gram matrices: HSIC's biased estimate, normalised."""
     return (k1 * k2).sum() / (k1.norm() * k2.norm()).clamp_min(1e-12)
 
 
@@ -665,7 +690,8 @@ def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, me
             # are too few to see a dependence that lives within each colour
             past = memory.setdefault(d, []) if memory is not None else []  # None: this batch only
             logs[f"hsic_{d}"] = hsic_dependence(torch.cat([s, *(m[0] for m in past)]),
-                                                torch.cat([z, *(m[1] for m in past)]))
+                                                torch.cat([z, *(m[1] for m in past)]),
+                                                args.hsic_estimator)
             past.insert(0, (s.detach(), z.detach()))
             del past[args.hsic_batches - 1:]
             loss = loss + args.hsic * logs[f"hsic_{d}"]
@@ -676,27 +702,38 @@ def exclusive_step(img_x, img_y, encoders, critics, bound, args, gather=None, me
 # ----------------------------------------------------------------------------------------
 # Evaluation: classifiers on frozen S and Z, nearest neighbours
 # ----------------------------------------------------------------------------------------
+PROBE_TRAIN = 10_000  # the probes fit on at most this many training codes
+
+
+def probe_rows(n):
+    """The training rows the probes fit on: all n, or PROBE_TRAIN of them, fixed and evenly
+    spaced (minutes of fitting, not an hour, at 60,000; only these are encoded)."""
+    return np.linspace(0, n - 1, min(n, PROBE_TRAIN)).round().astype(int)
+
+
 def representations(encoders, pair, device, stages_done):
-    """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y."""
+    """{rep: (train features, test features)} for S_X, S_Y and, after stage 2, Z_X, Z_Y: the
+    training features of probe_rows alone."""
+    keep = torch.as_tensor(probe_rows(len(pair.train_x)), device=pair.train_x.device)
     reps = {}
     for rep in REPS:
         if rep[0] == "Z" and 2 not in stages_done:
             continue
         d = rep[1].lower()
         encoder = encoders[("shared_" if rep[0] == "S" else "exclusive_") + d]
-        data = pair.domain(d)
+        full = pair.domain(d)
+        data = common.Data(full.name, full.train_x[keep], full.train_y[keep], full.test_x,
+                           full.test_y, full.n_classes, device=full.device)
         tr, _ = common.extract_features(encoder, data, "train", ("y",), device=device)
         te, _ = common.extract_features(encoder, data, "test", ("y",), device=device)
         reps[rep] = (tr["y"], te["y"])
     return reps
 
 
-PROBE_TRAIN = 10_000  # the probes fit on at most this many training codes
-
-
 def probe_accuracy(kind, train_x, train_y, test_x, test_y, seed):
-    if len(train_x) > PROBE_TRAIN:  # a fixed, evenly spaced subset: minutes, not an hour, at 60,000
-        keep = np.linspace(0, len(train_x) - 1, PROBE_TRAIN).round().astype(int)
+    """One probe's test accuracy, fitted on probe_rows of the training codes."""
+    if len(train_x) > PROBE_TRAIN:  # representations() encodes those rows alone
+        keep = probe_rows(len(train_x))
         train_x, train_y = train_x[keep], train_y[keep]
     if kind == "linear":
         return common.linear_probe(train_x, train_y, test_x, test_y)
@@ -728,7 +765,8 @@ def evaluate(reps, pair, probes, seed, jobs=1):
     the flat metrics (the first probe's keys acc_SX_class and so on, every other probe's with
     _<probe> appended) and [(probe, rows)], a row per representation."""
     from joblib import Parallel, delayed
-    tr_lab, te_lab = pair.train_labels.cpu().numpy(), pair.test_labels.cpu().numpy()
+    tr_lab = pair.train_labels.cpu().numpy()[probe_rows(len(pair.train_labels))]
+    te_lab = pair.test_labels.cpu().numpy()
     fits = [(probe, rep, col) for probe in probes for rep in reps for col in range(len(PAIR_LABELS))]
     accs = Parallel(n_jobs=min(jobs, len(fits)))(
         delayed(_probe_job)(probe, reps[rep][0], tr_lab[:, col], reps[rep][1], te_lab[:, col], seed)

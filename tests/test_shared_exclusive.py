@@ -1,6 +1,7 @@
 """shared_exclusive.py: the colourful pair builder, the S-Z adversary's shuffle, the frozen
 shared encoders of stage 2, and the sign of every loss term."""
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -163,7 +164,7 @@ class Stub(nn.Module):
 
 def loss_args(**kw):
     base = dict(shared_local=0.0, shared_global=0.0, l1=0.0, exclusive_local=0.0,
-                exclusive_global=0.0, adversarial=0.0, hsic=0.0, hsic_batches=1,
+                exclusive_global=0.0, adversarial=0.0, hsic=0.0, hsic_batches=1, hsic_estimator="unbiased",
                 local_layer="c2", exclusive_local_layer="c2")
     return SimpleNamespace(**{**base, **kw})
 
@@ -263,21 +264,67 @@ def colour_times_digit_codes(n=512, seed=0):
     return s, z, torch.randperm(n, generator=g)
 
 
+def normalised_hsic(k, l):
+    return se.unbiased_hsic(k, l) / (se.unbiased_hsic(k, k) * se.unbiased_hsic(l, l)).sqrt()
+
+
 def test_hsic_sees_a_digit_that_lives_within_each_colour_and_its_gradient_removes_it():
     s, z, perm = colour_times_digit_codes()
-    dependent, shuffled = se.hsic_dependence(s, z), se.hsic_dependence(s, z[perm])
-    assert dependent > 2 * shuffled and dependent > shuffled + 0.04
+    dependent, shuffled = se.hsic_dependence(s, z, "unbiased"), se.hsic_dependence(s, z[perm], "unbiased")
+    assert dependent > 0.04 and abs(shuffled) < 0.01
     # a kernel at the median distance alone, which the colour sets, is blind to it: the reason
     # for the narrow bandwidths
     ks = se.gaussian_gram(s)
-    median_only = [float(se.kernel_alignment(ks, se.gaussian_gram(c))) for c in (z, z[perm])]
+    median_only = [float(normalised_hsic(ks, se.gaussian_gram(c))) for c in (z, z[perm])]
     assert abs(median_only[0] - median_only[1]) < 0.005
     # descending its gradient through Z lowers it (the encoder's side of the penalty)
     z = z.clone().requires_grad_()
-    se.hsic_dependence(s, z).backward()
+    se.hsic_dependence(s, z, "unbiased").backward()
     assert torch.isfinite(z.grad).all()
-    lower = se.hsic_dependence(s, (z - 20 * z.grad / z.grad.norm()).detach())
-    assert lower < dependent - 0.005
+    lower = se.hsic_dependence(s, (z - 20 * z.grad / z.grad.norm()).detach(), "unbiased")
+    assert lower < dependent - 0.02
+
+
+def test_hsic_of_independent_codes_is_zero_on_average_whatever_z_looks_like():
+    g = torch.Generator().manual_seed(0)
+    for n_colours in (12, 3):  # the biased estimate's floor moves with Z's layout
+        ours, biased = [], []
+        for _ in range(10):
+            s = torch.randn(256, 8, generator=g)
+            z = torch.randn(n_colours, 2, generator=g)[torch.randint(n_colours, (256,), generator=g)]
+            z = z + 0.05 * torch.randn(256, 2, generator=g)
+            ours.append(float(se.hsic_dependence(s, z, "unbiased")))
+            biased.append(float(se.hsic_dependence(s, z, "alignment")))
+        assert abs(np.mean(ours)) < 0.005 and np.mean(biased) > 0.05
+
+
+def test_hsic_penalty_takes_the_class_out_of_z_without_merging_its_colours():
+    """Z: twelve colours round a circle, each pushed outward by an amount S also holds (the
+    area the colour covers, as in a trained Z_Y). Adam on the penalty alone should drop the
+    amount and leave the colours apart. The biased estimate, whose floor falls as colours
+    merge, merges them (it is what a heavier HSIC term did to Z's colour in training)."""
+    def descend(penalty, steps=60, n=256):
+        g = torch.Generator().manual_seed(0)
+        angle = torch.arange(12) * 2 * math.pi / 12
+        circle = torch.stack([angle.cos(), angle.sin()], 1)
+        centre, push = circle.clone().requires_grad_(), (0.15 * circle).requires_grad_()
+        opt = torch.optim.Adam([centre, push], lr=0.01)
+        for _ in range(steps):
+            colour, amount = torch.randint(12, (n,), generator=g), torch.randn(n, generator=g)
+            s = torch.randn(n, 32, generator=g)
+            s[:, 0] = 2 * amount
+            z = centre[colour] + amount[:, None] * push[colour] + 0.02 * torch.randn(n, 2, generator=g)
+            z = (z - z.mean(0)) / z.std(0)
+            opt.zero_grad()
+            penalty(s, z).backward()
+            opt.step()
+        centre = (centre - centre.mean(0)).detach()
+        gaps = torch.cdist(centre, centre) + 10 * torch.eye(12)
+        return gaps.min() / centre.norm(dim=1).mean(), push.norm(dim=1).mean().item()
+    gap, push = descend(lambda s, z: se.hsic_dependence(s, z, "unbiased"))
+    assert push < 0.05 and gap > 0.25  # from 0.15 and 0.52 (twelve evenly spaced)
+    gap, push = descend(lambda s, z: se.hsic_dependence(s, z, "alignment"))
+    assert gap < 0.1
 
 
 def test_hsic_term_scores_the_batch_with_its_detached_predecessors():
@@ -292,7 +339,7 @@ def test_hsic_term_scores_the_batch_with_its_detached_predecessors():
         loss, logs, _ = se.exclusive_step(torch.zeros(n), torch.zeros(n), enc, {}, common.jsd_bound, args, memory=memory)
     # batch 2 is scored with batches 1 and 0, newest first, and only its own rows carry gradient
     rows = torch.cat([torch.arange(2 * n, 3 * n), torch.arange(n, 2 * n), torch.arange(n)])
-    assert torch.allclose(logs["hsic_x"], se.hsic_dependence(s_all[rows], z_all[rows]))
+    assert torch.allclose(logs["hsic_x"], se.hsic_dependence(s_all[rows], z_all[rows], "unbiased"))
     assert torch.allclose(loss, 2.0 * (logs["hsic_x"] + logs["hsic_y"]))
     assert len(memory["x"]) == 2 and not any(m[1].requires_grad for m in memory["x"])
     loss.backward()
@@ -560,7 +607,7 @@ def test_amp_runs_both_stages_with_finite_numbers(tmp_path):
         assert json.load(f)["amp"] is True
     for m in lines[:2]:
         assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
-    assert lines[0]["l1"] > 0 and 0 < lines[1]["hsic_x"] <= 1 and 0 < lines[1]["hsic_y"] <= 1
+    assert lines[0]["l1"] > 0 and all(0 < abs(lines[1][f"hsic_{d}"]) < 1 for d in "xy")
     assert all(0 <= v <= 1 for v in metrics.values()) and len(metrics) == 12
 
 
