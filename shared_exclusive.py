@@ -47,7 +47,8 @@ choice, and the variants tried and not kept, are in docs/shared_exclusive.md):
   image's colour in one white direction that nothing pulls shared content into.
 - Recipe: bf16 autocast where the device computes it natively (`--no-amp`: float32).
 - Recipe: normalised HSIC on S and Z (--hsic 10) instead of the paper's adversary, which Z evaded.
-- HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it.
+- HSIC: Z's kernel averages four bandwidths; each batch is scored with the 7 before it; the
+  estimate is the centred kernel alignment (`--hsic-estimator unbiased`: Song et al. 2012's).
 - Adversary: Z shuffled along a random cycle, so no sample meets its own Z.
 - Adversary: GAN cross-entropy (non-saturating for Z), DIM's 1000-200-1 discriminator, 10 steps.
 - The dot critics embed 256 wide, not DIM's 2048 (`--embed-dim`), for CPU time.
@@ -181,9 +182,9 @@ def parse_args(argv=None):
                         f"(Gaussian kernels; not in the paper: {PAPER['hsic']}; recipe "
                         f"{RECIPE['hsic']})")
     p.add_argument("--hsic-estimator", default="alignment", choices=["alignment", "unbiased"],
-                   help="the HSIC term's estimate: the centred kernel alignment (biased; its floor "
-                        "falls as Z merges colours) or the unbiased estimator, normalised by a "
-                        "scale held constant in the gradient")
+                   help="the HSIC term's estimate: the centred kernel alignment (the recipe's; biased, "
+                        "and its gradient merges Z's colours under a heavy term) or the unbiased "
+                        "estimator, normalised by a scale held constant in the gradient")
     p.add_argument("--hsic-batches", type=common.positive_int, default=8,
                    help="batches the HSIC term scores together: the current one and the latest "
                         "others, detached")
@@ -570,8 +571,8 @@ def hsic_dependence(s, z, estimator):
     little, and that is where the class sits. Computed exactly, so unlike a learned adversary
     it has no lag for the encoder to outrun. `estimator` (--hsic-estimator):
     - "unbiased": Song et al.'s estimator, normalised by a scale held constant in the gradient;
-    - "alignment": the centred kernel alignment of the two Grams, whose floor under
-      independence falls as Z merges its colours, so a heavy term merged them
+    - "alignment": the centred kernel alignment of the two Grams, a biased estimate (near 0.1$
+      under independence) whose gradient merges Z's colours: a heavy term took them
       (docs/shared_exclusive.md)."""
     with torch.autocast(z.device.type, enabled=False):  # narrow kernels need fp32 distances
         ks, kz = gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES)

@@ -287,7 +287,7 @@ def test_hsic_sees_a_digit_that_lives_within_each_colour_and_its_gradient_remove
 
 def test_hsic_of_independent_codes_is_zero_on_average_whatever_z_looks_like():
     g = torch.Generator().manual_seed(0)
-    for n_colours in (12, 3):  # the biased estimate's floor moves with Z's layout
+    for n_colours in (12, 3):  # a layout with fewer colours too
         ours, biased = [], []
         for _ in range(10):
             s = torch.randn(256, 8, generator=g)
@@ -301,8 +301,8 @@ def test_hsic_of_independent_codes_is_zero_on_average_whatever_z_looks_like():
 def test_hsic_penalty_takes_the_class_out_of_z_without_merging_its_colours():
     """Z: twelve colours round a circle, each pushed outward by an amount S also holds (the
     area the colour covers, as in a trained Z_Y). Adam on the penalty alone should drop the
-    amount and leave the colours apart. The biased estimate, whose floor falls as colours
-    merge, merges them (it is what a heavier HSIC term did to Z's colour in training)."""
+    amount and leave the colours apart. The biased estimate (the centred kernel alignment)
+    merges them: what a heavier HSIC term did to Z's colour in training."""
     def descend(penalty, steps=60, n=256):
         g = torch.Generator().manual_seed(0)
         angle = torch.arange(12) * 2 * math.pi / 12
