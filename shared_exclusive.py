@@ -571,7 +571,7 @@ def hsic_dependence(s, z, estimator):
     little, and that is where the class sits. Computed exactly, so unlike a learned adversary
     it has no lag for the encoder to outrun. `estimator` (--hsic-estimator):
     - "unbiased": Song et al.'s estimator, normalised by a scale held constant in the gradient;
-    - "alignment": the centred kernel alignment of the two Grams, a biased estimate (near 0.1$
+    - "alignment": the centred kernel alignment of the two Grams, a biased estimate (near 0.1
       under independence) whose gradient merges Z's colours: a heavy term took them
       (docs/shared_exclusive.md)."""
     with torch.autocast(z.device.type, enabled=False):  # narrow kernels need fp32 distances
