@@ -565,6 +565,13 @@ def unbiased_hsic(k, l):
     return (kl.trace() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * kl.sum() / (n - 2)) / (n * (n - 3))
 
 
+def normalised_hsic(k, l):
+    """unbiased_hsic(K, L) / sqrt(unbiased_hsic(K, K) unbiased_hsic(L, L)), the scale held
+    constant in the gradient."""
+    scale = (unbiased_hsic(k, k) * unbiased_hsic(l, l)).clamp_min(1e-12).sqrt()
+    return unbiased_hsic(k, l) / scale.detach()
+
+
 def hsic_dependence(s, z, estimator):
     """Normalised HSIC of S and Z: about 0 when the rows show no dependence, 1 when the two
     Gram matrices agree. Z's kernel mixes narrow bandwidths too: within one colour Z varies
@@ -578,8 +585,7 @@ def hsic_dependence(s, z, estimator):
         ks, kz = gaussian_gram(s), gaussian_gram(z, HSIC_QUANTILES)
         if estimator == "alignment":
             return kernel_alignment(centred(ks), centred(kz))
-        scale = (unbiased_hsic(ks, ks) * unbiased_hsic(kz, kz)).clamp_min(1e-12).sqrt()
-        return unbiased_hsic(ks, kz) / scale.detach()
+        return normalised_hsic(ks, kz)
 
 
 def centred(k):

@@ -264,10 +264,6 @@ def colour_times_digit_codes(n=512, seed=0):
     return s, z, torch.randperm(n, generator=g)
 
 
-def normalised_hsic(k, l):
-    return se.unbiased_hsic(k, l) / (se.unbiased_hsic(k, k) * se.unbiased_hsic(l, l)).sqrt()
-
-
 def test_hsic_sees_a_digit_that_lives_within_each_colour_and_its_gradient_removes_it():
     s, z, perm = colour_times_digit_codes()
     dependent, shuffled = se.hsic_dependence(s, z, "unbiased"), se.hsic_dependence(s, z[perm], "unbiased")
@@ -275,7 +271,7 @@ def test_hsic_sees_a_digit_that_lives_within_each_colour_and_its_gradient_remove
     # a kernel at the median distance alone, which the colour sets, is blind to it: the reason
     # for the narrow bandwidths
     ks = se.gaussian_gram(s)
-    median_only = [float(normalised_hsic(ks, se.gaussian_gram(c))) for c in (z, z[perm])]
+    median_only = [float(se.normalised_hsic(ks, se.gaussian_gram(c))) for c in (z, z[perm])]
     assert abs(median_only[0] - median_only[1]) < 0.005
     # descending its gradient through Z lowers it (the encoder's side of the penalty)
     z = z.clone().requires_grad_()
