@@ -156,10 +156,20 @@ def recipe_command(method, dataset, data_root, seed):
 
 
 def environment(threads):
+    """What the numbers and minutes depend on. `cpu_capability` is the widest vector
+    instruction set torch's CPU kernels use here (AVX2, AVX512, ...), which the minutes follow
+    (docs/shared_exclusive.md)."""
     import torch
     return {"threads": threads, "torch": torch.__version__, "device": "cpu",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine()}
+
+
+def environment_clash(a, b):
+    """The first key both environments record with different values, or None (files written
+    before a key was recorded are not refused for lacking it)."""
+    return next((k for k in a if k in b and a[k] != b[k]), None)
 
 
 class RunFailed(Exception):
@@ -319,9 +329,14 @@ def merge(paths):
             results = part
             continue
         results["baselines"] = results["baselines"] or part["baselines"]
-        for key in ("dataset", "environment"):
-            if part[key] != results[key]:
-                raise SystemExit(f"error: --merge {path}: {key} {part[key]} differs from {results[key]}")
+        if part["dataset"] != results["dataset"]:
+            raise SystemExit(f"error: --merge {path}: dataset {part['dataset']} differs from "
+                             f"{results['dataset']}")
+        clash = environment_clash(part["environment"], results["environment"])
+        if clash:
+            raise SystemExit(f"error: --merge {path}: environment {clash} {part['environment'][clash]!r} "
+                             f"differs from {results['environment'][clash]!r}")
+        results["environment"] = {**part["environment"], **results["environment"]}  # what any file records
         for method in RECIPES:
             for seed, m in part.get(method, {}).items():
                 if seed in results.get(method, {}):
@@ -332,7 +347,9 @@ def merge(paths):
 
 def print_table(results, out):
     env = results["environment"]
-    print(f"\n{results['dataset']}; CPU, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, torch {env['torch']}\n")
+    isa = f" ({env['cpu_capability']})" if "cpu_capability" in env else ""
+    print(f"\n{results['dataset']}; CPU{isa}, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, "
+          f"torch {env['torch']}\n")
     print(markdown(results))
     print(f"\nwrote {out}")
 

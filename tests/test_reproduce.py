@@ -64,6 +64,29 @@ def test_merge_joins_calls_run_side_by_side_and_refuses_a_clash(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_merge_refuses_files_from_cpus_with_other_vector_units(tmp_path):
+    """Minutes measured on AVX2 and on AVX-512 do not belong in one table; a file written
+    before the instruction set was recorded still joins one that records it."""
+    base = {"dataset": "mnist", "baselines": {}}
+    env = {"threads": 2, "torch": "2.x", "device": "cpu"}
+    files = {}
+    for name, isa, seed in (("old", None, "0"), ("avx2", "AVX2", "1"), ("avx512", "AVX512", "2")):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({**base, "environment": {**env, **({"cpu_capability": isa} if isa else {})},
+                                           "infogan": {seed: {"cluster_acc": 0.6, "minutes": 9.0}}}))
+    merge = lambda *names: subprocess.run(
+        [sys.executable, "benchmarks/reproduce.py", "--merge", *map(str, (files[n] for n in names)),
+         "--out", str(tmp_path / "all.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    for names in (("old", "avx2"), ("avx2", "old")):
+        proc = merge(*names)
+        assert proc.returncode == 0 and "mnist; CPU (AVX2), 2 threads" in proc.stdout, proc.stderr[-2000:]
+    (tmp_path / "all.json").unlink()
+    for names in (("avx2", "avx512"), ("old", "avx2", "avx512")):  # the old file hides no clash
+        proc = merge(*names)
+        assert proc.returncode == 1 and "environment cpu_capability 'AVX512' differs from 'AVX2'" in proc.stderr
+        assert not (tmp_path / "all.json").exists()
+
+
 
 @pytest.mark.parametrize("script", ["dim_local", "dim_global", "infogan", "infoae", "shared_exclusive"])
 def test_no_default_is_keyed_to_the_datasets_name(script):
